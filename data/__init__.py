@@ -1,0 +1,11 @@
+"""Datasets by name: ``build_datasets(cfg.data, num_classes, seed)``; loaders and samplers beside them.
+
+Adding a dataset is one file with a ``@register_dataset("name")`` builder plus its import below.
+"""
+
+from data.registry import DATASETS, DataError, DatasetPair, build_datasets, register_dataset
+
+# Each import registers its builders.
+from data import cifar, fake, imagefolder, synthetic  # noqa: E402, F401  isort: skip
+
+__all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_dataset"]

@@ -1,0 +1,117 @@
+"""Distributed loaders: a resumable, seed-stable train sampler and an exact (unpadded) eval sampler.
+
+Two properties the rest of the template relies on:
+- the samples of global step k are the same at any world size (DistributedSampler's
+  interleaving), and a run can restart at any step of an epoch;
+- augmentation is a pure function of (seed, epoch, sample index), independent of
+  world size, worker count and restarts, so resumed runs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+
+from engine.config import DataConfig
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can skip the first samples of an epoch and tags each index with its epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Select the epoch's permutation; ``start_index`` samples of this rank's share are skipped (resume)."""
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start_index :]
+        return iter([(index, self.epoch) for index in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Every sample exactly once across ranks: rank r takes r, r+W, r+2W, ... with no padding."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        self.size, self.num_replicas, self.rank = len(dataset), num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.num_replicas))
+
+
+class SeededAugmentation(Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) before each sample, so augmentation is reproducible."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        sample_seed = hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF  # tuple-of-int hash is stable
+        if get_worker_info() is not None:  # a worker process owns its RNG
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # main process: leave the training RNG untouched
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker distinctly; give python's and numpy's RNGs (used by user transforms) the same seed
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _loader_kwargs(cfg: DataConfig, pin_memory: bool) -> dict:
+    return {
+        "num_workers": cfg.num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": cfg.num_workers > 0,
+        "worker_init_fn": _seed_worker,
+    }
+
+
+def build_train_loader(
+    dataset: Dataset, cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool
+) -> DataLoader:
+    """Shuffled, sharded by DistributedSampler; call ``loader.sampler.set_epoch(e)`` every epoch."""
+    sampler = ResumableDistributedSampler(dataset, world_size, rank, seed=seed, drop_last=cfg.drop_last)
+    return DataLoader(
+        SeededAugmentation(dataset, seed),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=cfg.drop_last,
+        generator=torch.Generator().manual_seed(seed + rank),
+        **_loader_kwargs(cfg, pin_memory),
+    )
+
+
+def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+    """Each sample on exactly one rank; sums and counts are reduced by the evaluator."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.val_batch_size or cfg.batch_size,
+        sampler=ShardedEvalSampler(dataset, world_size, rank),
+        **_loader_kwargs(cfg, pin_memory),
+    )

@@ -1,0 +1,52 @@
+"""The dataset registry: one builder per name, returning train and val splits."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from engine.config import DataConfig
+
+
+class DataError(ValueError):
+    """A data problem (missing root, empty folder, class-count mismatch), reported as one line."""
+
+
+@dataclass
+class DatasetPair:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+
+
+Builder = Callable[[DataConfig, int, int], DatasetPair]
+DATASETS: dict[str, Builder] = {}
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Make ``data.name: <name>`` build this; the builder gets (data config, num_classes, seed)."""
+
+    def wrap(fn: Builder) -> Builder:
+        DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
+    """Build both splits and check the class count against ``model.num_classes``."""
+    if cfg.name not in DATASETS:
+        close = difflib.get_close_matches(cfg.name, list(DATASETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DataError(f"data.name: unknown dataset '{cfg.name}'{hint}; known: {', '.join(sorted(DATASETS))}")
+    pair = DATASETS[cfg.name](cfg, num_classes, seed)
+    if pair.num_classes != num_classes:
+        raise DataError(
+            f"model.num_classes is {num_classes} but dataset '{cfg.name}' at {cfg.root} has {pair.num_classes} classes"
+        )
+    if len(pair.train) == 0 or len(pair.val) == 0:
+        raise DataError(f"dataset '{cfg.name}' at {cfg.root}: empty split (train {len(pair.train)}, val {len(pair.val)})")
+    return pair

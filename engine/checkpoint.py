@@ -1,0 +1,216 @@
+"""Checkpoints that survive kills: atomic writes by rank 0, safe loads, resume discovery, RNG state.
+
+Layout under ``<output_dir>/checkpoints``: ``ckpt_e{epoch}_s{step}.pt`` (the newest
+``keep`` of them), ``last.pt`` (a hard link to the newest) and ``best.pt``. Every file
+appears by ``os.replace`` of a fully written, fsynced temporary, so a kill at any
+moment leaves either the old or the new complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from engine.logging import get_logger
+
+CHECKPOINT_DIR = "checkpoints"
+_HISTORY = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit this run, named by path."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary in the same directory, fsync, then rename over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _atomic_link(src: str, dst: str) -> None:
+    """Make ``dst`` name the same complete file as ``src`` (hard link, or a copy where links fail)."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(directory, f".tmp_link_{os.getpid()}_{os.path.basename(dst)}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(directory)
+
+
+def save_checkpoint(state: dict[str, Any], output_dir: str, keep: int, is_best: bool) -> str:
+    """Write a new history checkpoint, point ``last.pt`` (and ``best.pt``) at it, prune old ones. Rank 0 only."""
+    ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = os.path.join(ckpt_dir, f"ckpt_e{state['epoch']:04d}_s{state['step']:08d}.pt")
+    atomic_torch_save(state, path)
+    _atomic_link(path, os.path.join(ckpt_dir, "last.pt"))
+    if is_best:
+        _atomic_link(path, os.path.join(ckpt_dir, "best.pt"))
+    for old in history_checkpoints(ckpt_dir)[keep:]:
+        os.remove(old)
+    return path
+
+
+def history_checkpoints(ckpt_dir: str) -> list[str]:
+    """History checkpoints, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, "ckpt_e*_s*.pt")):
+        match = _HISTORY.search(os.path.basename(path))
+        if match:
+            found.append(((int(match.group(1)), int(match.group(2))), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no code runs from a checkpoint); a bad file is a one-line error."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, disallowed global: all mean "unusable"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupted?): {reason}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no 'model' state_dict; is it a checkpoint of this template?")
+    return state
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    """The newest loadable checkpoint in ``output_dir``: ``last.pt``, else the newest good history file."""
+    ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
+    candidates = [os.path.join(ckpt_dir, "last.pt"), *history_checkpoints(ckpt_dir)]
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            load_checkpoint(path)
+        except CheckpointError as exc:
+            get_logger().warning(f"warning: {exc}; trying an older checkpoint")
+            continue
+        return path
+    return None
+
+
+def has_run_outputs(output_dir: str) -> bool:
+    """Whether ``output_dir`` already holds another run's checkpoints or metrics."""
+    ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
+    return bool(glob.glob(os.path.join(ckpt_dir, "*.pt"))) or os.path.isfile(os.path.join(output_dir, "metrics.jsonl"))
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` so weights load into a bare model."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def check_model_compatible(model_state: dict[str, torch.Tensor], target: torch.nn.Module, path: str) -> None:
+    """Refuse weights of another model with a message naming the first mismatch."""
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(model_state))
+    unexpected = sorted(set(model_state) - set(expected))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise CheckpointError(
+            f"checkpoint {path} is for another model: {len(missing)} missing and {len(unexpected)} unexpected keys "
+            f"(first: '{first}')"
+        )
+    for key, tensor in expected.items():
+        if tuple(model_state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"checkpoint {path} is for another model: '{key}' has shape {tuple(model_state[key].shape)}, "
+                f"this model expects {tuple(tensor.shape)} (check model.name / model.num_classes)"
+            )
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain data that ``weights_only`` loading accepts."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]
+    except ImportError:
+        pass
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def _to_lists(obj: Any) -> Any:
+    return [_to_lists(x) for x in obj] if isinstance(obj, tuple) else obj
+
+
+def _to_tuples(obj: Any) -> Any:
+    return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def check_run_compatible(ckpt: dict[str, Any], model_name: str, global_batch: int, world_size: int, path: str) -> str:
+    """Refuse a checkpoint of another model or global batch; return a warning when only the world size changed."""
+    saved = ckpt.get("config", {})
+    saved_model = saved.get("model", {}).get("name")
+    if saved_model is not None and saved_model != model_name:
+        raise CheckpointError(f"checkpoint {path} was trained with model.name={saved_model}, this run uses {model_name}")
+    saved_batch = ckpt.get("global_batch")
+    if saved_batch is not None and saved_batch != global_batch:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with global batch {saved_batch}, this run has {global_batch} "
+            "(keep data.batch_size x world size x train.accumulate_steps, or start a new output_dir)"
+        )
+    saved_world = ckpt.get("world_size")
+    if saved_world is not None and saved_world != world_size:
+        return (
+            f"warning: resuming a world-size-{saved_world} run on {world_size} processes with the same global batch: "
+            "training continues, but is no longer bit-exact"
+        )
+    return ""

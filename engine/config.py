@@ -1,0 +1,291 @@
+"""The run's configuration: schema, YAML loading, ``section.key=value`` overrides, validation, dump.
+
+Everything here runs before any process group exists, so a typo fails fast on
+every rank with no collective to hang in. The schema is plain dataclasses; the
+type hints are the single source of truth for what a key accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line naming the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    num_classes: int = 10
+    pretrained: bool = False  # torchvision weights; needs them cached locally (no download in this template)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str = "./data_cache"
+    batch_size: int = 32  # per process
+    val_batch_size: int = 0  # per process; 0 = same as batch_size
+    num_workers: int = 2
+    image_size: int = 32
+    augment: bool = True
+    drop_last: bool = True
+    download: bool = False  # cifar only: opt in to downloading
+    # synthetic/fake datasets only
+    num_train: int = 4096
+    num_val: int = 1024
+    channels: int = 3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.1  # at base_batch_size when lr_scaling is linear
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
+    base_batch_size: int = 256
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    step_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # epochs, for schedule=step
+    step_gamma: float = 0.1
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    accumulate_steps: int = 1
+    clip_grad_norm: float = 0.0  # 0 = off
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    resume: str = "auto"  # auto | none | path/to/checkpoint.pt
+    eval_only: bool = False
+    checkpoint_every_steps: int = 0  # 0 = end of epoch only
+    keep_checkpoints: int = 2
+    print_freq: int = 20
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class SyncBNConfig:
+    enabled: bool = True
+    impl: Literal["auto", "torch", "ours"] = "auto"
+    group_size: int = 0  # 0 = the whole world; k = groups of k consecutive ranks
+    virtual_splits: int = 1  # >1: ghost BatchNorm (only with enabled: false)
+    buffer_policy: Literal["broadcast", "reduce"] = "broadcast"  # SyncBN off: make BN buffers consistent
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = 300.0
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class DebugConfig:
+    """Test-only fault injection; off unless fault_step >= 0."""
+
+    fault_step: int = -1
+    fault_rank: int = 0
+    fault_kind: Literal["raise", "exit", "nan", "sigkill"] = "raise"
+    fault_once: bool = False  # with a marker in output_dir, so a restarted job passes the step
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    syncbn: SyncBNConfig = field(default_factory=SyncBNConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {hint})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'" + _suggest(str(key), names))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"malformed override '{override}': expected section.key=value")
+    dotted, text = override.split("=", 1)
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"malformed override '{override}': expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed override '{override}': value is not valid YAML ({exc.problem})") from None
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"malformed override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (safe loader), apply overrides in order, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" line {where.line + 1}" if where else ""
+            raise ConfigError(f"config file {path}{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text YAML file") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with the key that holds them."""
+    checks = [
+        (cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
+        (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1 (it is per process)"),
+        (cfg.data.val_batch_size >= 0, "data.val_batch_size", "must be >= 0 (0 = data.batch_size)"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
+        (cfg.data.num_train >= 1, "data.num_train", "must be >= 1"),
+        (cfg.data.num_val >= 1, "data.num_val", "must be >= 1"),
+        (cfg.data.channels >= 1, "data.channels", "must be >= 1"),
+        (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
+        (cfg.train.lr > 0, "train.lr", "must be > 0"),
+        (cfg.train.base_batch_size >= 1, "train.base_batch_size", "must be >= 1"),
+        (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (cfg.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
+        (0 < cfg.train.step_gamma <= 1, "train.step_gamma", "must be in (0, 1]"),
+        (cfg.train.min_lr >= 0, "train.min_lr", "must be >= 0"),
+        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
+        (cfg.train.accumulate_steps >= 1, "train.accumulate_steps", "must be >= 1"),
+        (cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)"),
+        (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = per epoch)"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
+        (cfg.train.print_freq >= 1, "train.print_freq", "must be >= 1"),
+        (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
+        (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
+        (cfg.syncbn.virtual_splits >= 1, "syncbn.virtual_splits", "must be >= 1"),
+        (not (cfg.syncbn.enabled and cfg.syncbn.virtual_splits > 1), "syncbn.virtual_splits",
+         "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
+        (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
+         f"must divide data.batch_size ({cfg.data.batch_size})"),
+        (cfg.syncbn.enabled or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2, "data.batch_size",
+         "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
+        (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
+        (cfg.output_dir.strip() != "", "output_dir", "must not be empty"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}, got {_lookup(cfg, key)!r}")
+    if cfg.train.eval_only and cfg.train.resume in ("auto", "none") and not cfg.model.pretrained:
+        raise ConfigError("train.eval_only: needs train.resume=PATH (a checkpoint to evaluate) or model.pretrained")
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain data (dicts, lists, str, numbers): safe for YAML, JSON and ``torch.load(weights_only=True)``."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict`, with the same checks as a YAML file."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML so the run can be reproduced with ``--config path``."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

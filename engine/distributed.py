@@ -1,0 +1,240 @@
+"""Who am I, which device, which backend; the process group; small collective helpers.
+
+This is the only module that reads the launcher's environment. It understands
+torchrun / ``torch.distributed.launch`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``),
+the legacy ``--local_rank`` / ``--local-rank`` argument, SLURM's ``srun``
+(``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_STEP_NODELIST``),
+and a plain ``python train.py`` (one process, no process group at all).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ConfigError, DistConfig
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process: its place in the job and where rank 0 listens."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str  # single | torchrun | slurm
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+@dataclass
+class DistContext:
+    """Everything later steps need to know about the distributed run, passed explicitly."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+    launcher: str
+    sync_group: Any = None  # process group for SyncBN (None = the whole world)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list such as ``gpu[003-005,010],login1`` (no ``scontrol`` needed)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ConfigError(f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect_launch_env(local_rank_arg: int | None = None, environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read rank and world size from torchrun, SLURM, or nothing (a single process)."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" in environ and "RANK" in environ:
+        world_size = _int_env(environ, "WORLD_SIZE")
+        local_rank = _int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else (local_rank_arg or 0)
+        return LaunchEnv(
+            rank=_int_env(environ, "RANK"),
+            world_size=world_size,
+            local_rank=local_rank,
+            local_world_size=_int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world_size,
+            launcher="torchrun",
+            master_addr=environ.get("MASTER_ADDR"),
+            master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else None,
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        job_id = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        world_size = _int_env(environ, "SLURM_NTASKS")
+        return LaunchEnv(
+            rank=_int_env(environ, "SLURM_PROCID"),
+            world_size=world_size,
+            local_rank=_int_env(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+            local_world_size=_slurm_tasks_on_node(environ, world_size),
+            launcher="slurm",
+            master_addr=environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            # a port derived from the job id lets two jobs share a node without colliding
+            master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 15000 + job_id % 20000,
+        )
+    return LaunchEnv(rank=0, world_size=1, local_rank=local_rank_arg or 0, local_world_size=1, launcher="single")
+
+
+def _slurm_tasks_on_node(environ: Mapping[str, str], world_size: int) -> int:
+    # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3"; the first count is this layout's per-node size.
+    text = environ.get("SLURM_TASKS_PER_NODE", "")
+    match = re.match(r"(\d+)", text)
+    return int(match.group(1)) if match else world_size
+
+
+def select_backend(requested: str, cuda_available: bool) -> str:
+    """NCCL on GPUs, gloo on CPUs; an explicit choice that cannot work is an error, not a silent switch."""
+    if requested == "auto":
+        return "nccl" if cuda_available else "gloo"
+    if requested == "nccl" and not cuda_available:
+        raise ConfigError("dist.backend: nccl needs CUDA, but no GPU is visible; use auto or gloo")
+    return requested
+
+
+def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_group_size: int = 0) -> DistContext:
+    """Set the device, create the process group (only when world size > 1) and the SyncBN groups."""
+    env = detect_launch_env(local_rank_arg)
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ConfigError(f"launcher gave rank {env.rank} of world size {env.world_size}")
+    if syncbn_group_size and env.world_size % syncbn_group_size:
+        raise ConfigError(f"syncbn.group_size: {syncbn_group_size} does not divide the world size {env.world_size}")
+    cuda = torch.cuda.is_available() and cfg.backend != "gloo"
+    backend = select_backend(cfg.backend, torch.cuda.is_available())
+    if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {env.local_rank} has no GPU: only {torch.cuda.device_count()} visible "
+                "(launch at most one process per GPU)"
+            )
+        torch.cuda.set_device(env.local_rank)  # before anything touches CUDA, so NCCL binds the right GPU
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    if env.world_size == 1:
+        return DistContext(0, 1, env.local_rank, 1, device, None, env.launcher)
+
+    if env.launcher == "slurm":
+        os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
+    ctx = DistContext(env.rank, env.world_size, env.local_rank, env.local_world_size, device, backend, env.launcher)
+    if syncbn_group_size and syncbn_group_size != env.world_size:
+        # every rank must create every subgroup, in the same order
+        ctx.sync_group, _ = dist.new_subgroups(group_size=syncbn_group_size)
+    return ctx
+
+
+def cleanup() -> None:
+    """Destroy the process group so NCCL/gloo shut down cleanly and the exit code is ours."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- collective helpers
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum in place over all ranks (identity in a single process) and return it."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s object on every rank (decisions that must agree, e.g. which checkpoint to resume)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, on every rank (small things only: RNG states, flags)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank0_decides(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and give its result to every rank; if it raises, every rank raises.
+
+    For decisions that touch the filesystem (which checkpoint to resume, may we write
+    here): one rank looks, all ranks act alike, and an error stops all of them together.
+    """
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except (OSError, ValueError, RuntimeError) as exc:
+            error = (type(exc).__name__, str(exc))
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise RankZeroError(error[1])
+    return result
+
+
+class RankZeroError(RuntimeError):
+    """An error rank 0 met while deciding for everyone; every rank re-raises it."""

@@ -1,0 +1,49 @@
+"""Test-only fault injection (``debug.*`` keys): make one rank fail at a chosen step.
+
+The fault-tolerance tests use it to prove that a failing rank brings the whole job
+down, that NaN losses stop training, and that ``torchrun --max-restarts`` resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from engine.config import DebugConfig
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``debug.fault_kind: raise``."""
+
+
+class FaultInjector:
+    def __init__(self, cfg: DebugConfig, rank: int, output_dir: str) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.marker = os.path.join(output_dir, f".fault_injected_rank{rank}")
+
+    def _armed(self, step: int, kinds: tuple[str, ...]) -> bool:
+        cfg = self.cfg
+        if cfg.fault_step != step or cfg.fault_rank != self.rank or cfg.fault_kind not in kinds:
+            return False
+        if cfg.fault_once:
+            if os.path.exists(self.marker):
+                return False
+            with open(self.marker, "w") as f:
+                f.write(f"step {step}\n")
+        return True
+
+    def before_step(self, step: int) -> None:
+        """Fail before the forward pass of optimizer step ``step`` (raise, exit or SIGKILL)."""
+        if not self._armed(step, ("raise", "exit", "sigkill")):
+            return
+        if self.cfg.fault_kind == "raise":
+            raise InjectedFault(f"injected fault on rank {self.rank} at step {step} (debug.fault_kind=raise)")
+        if self.cfg.fault_kind == "exit":
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """``debug.fault_kind: nan``: this rank's loss becomes NaN at ``step``."""
+        return loss * float("nan") if self._armed(step, ("nan",)) else loss
