@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         model = DDP(
             model,
             device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            broadcast_buffers=not cfg.syncbn.enabled,
+            forward_sync_buffers=not cfg.syncbn.enabled,
             find_unused_parameters=cfg.dist.find_unused_parameters,
         )
     if cfg.train.compile:
