@@ -118,9 +118,11 @@ class Config:
 # --------------------------------------------------------------------------- parsing
 
 
-def _suggest(key: str, options: list[str]) -> str:
+def _suggest(key: str, options: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid keys: {', '.join(prefix + o for o in sorted(options))})"
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -151,6 +153,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot) as a string; it is obviously meant as a number
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
@@ -167,7 +174,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}'" + _suggest(str(key), names))
+            raise ConfigError(f"unknown config key '{full}'" + _suggest(str(key), names, prefix))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value if value is not None else {}, f"{full}.")

@@ -54,3 +54,14 @@ def cifar_resnet20(num_classes: int, **kwargs) -> nn.Module:
 @register_model("cifar_resnet56")
 def cifar_resnet56(num_classes: int, **kwargs) -> nn.Module:
     return CifarResNet(56, num_classes, **kwargs)
+
+
+@register_model("resnet18_cifar")
+def resnet18_cifar(num_classes: int, **kwargs) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs: 3x3 stride-1 stem, no max-pool (the common CIFAR variant)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes, **kwargs)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model

@@ -1,0 +1,139 @@
+"""Config parsing and errors, and the launcher-environment detection (no processes needed)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import yaml
+
+from engine.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from engine.distributed import detect_launch_env, first_slurm_host, select_backend
+
+
+def write(tmp_path, text: str, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_shipped_configs_load():
+    for name in ("default", "cifar10_resnet18", "imagenet_resnet50", "imagefolder"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert isinstance(cfg, Config)
+    default = load_config("configs/default.yaml")
+    assert (default.data.name, default.model.name, default.syncbn.enabled) == ("synthetic", "small_cnn", True)
+    resnet50 = load_config("configs/imagenet_resnet50.yaml")
+    assert (resnet50.data.batch_size, resnet50.train.lr_scaling, resnet50.train.warmup_epochs) == (32, "linear", 5)
+
+
+def test_fixed_key_names_exist():
+    cfg = load_config(None)
+    for dotted in ("model.name", "model.num_classes", "data.name", "data.root", "data.batch_size",
+                   "data.num_workers", "train.epochs", "train.lr", "train.seed", "syncbn.enabled", "output_dir"):
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = write(tmp_path, "train: {epochs: 3}\n")
+    cfg = load_config(path, ["train.epochs=7", "data.batch_size=16", "train.lr=1e-2", "syncbn.enabled=false",
+                             "train.step_milestones=[1, 2]", "model.kwargs={width: 8}", "output_dir=/tmp/x"])
+    assert cfg.train.epochs == 7 and cfg.data.batch_size == 16 and cfg.train.lr == 0.01
+    assert cfg.syncbn.enabled is False and cfg.train.step_milestones == [1, 2]
+    assert cfg.model.kwargs == {"width": 8} and cfg.output_dir == "/tmp/x"
+
+
+def test_int_accepted_for_float_and_later_override_wins():
+    cfg = load_config(None, ["train.lr=1", "train.lr=2"])
+    assert cfg.train.lr == 2.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (["trian.epochs=3"], "unknown config key 'trian' (did you mean 'train'?)"),
+        (["data.batch_size=abc"], "data.batch_size: expected int, got str"),
+        (["data.batch_size=0"], "data.batch_size: must be >= 1"),
+        (["data.batch_size=-4"], "data.batch_size: must be >= 1"),
+        (["train.lr=0"], "train.lr: must be > 0"),
+        (["syncbn.enabled=maybe"], "syncbn.enabled: expected bool"),
+        (["train.optimizer=adam"], "train.optimizer: 'adam' is not one of sgd, adamw"),
+        (["train.epochs"], "malformed override 'train.epochs'"),
+        (["=3"], "malformed override"),
+        (["train.epochs=[1"], "not valid YAML"),
+        (["syncbn.enabled=false", "data.batch_size=1"], "data.batch_size: BatchNorm needs >= 2 samples"),
+        (["syncbn.enabled=true", "syncbn.virtual_splits=2"], "syncbn.virtual_splits: ghost BatchNorm"),
+        (["syncbn.enabled=false", "syncbn.virtual_splits=3"], "must divide data.batch_size"),
+        (["train.epochs=3.5"], "train.epochs: expected int, got float"),
+        (["train=5"], "train: expected a mapping"),
+        (["train.eval_only=true", "train.resume=auto"], "train.eval_only: needs train.resume=PATH"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"c.yaml line \d+ is not valid YAML"):
+        load_config(write(tmp_path, "train:\n  epochs: [1\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="weights.yaml"):
+        load_config(str(binary))
+
+
+def test_yaml_python_tags_are_refused(tmp_path, capfd):
+    path = write(tmp_path, "output_dir: !!python/object/apply:os.system ['echo PWNED']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+    assert "PWNED" not in capfd.readouterr().out
+
+
+def test_round_trip_dump_and_plain_data(tmp_path):
+    cfg = load_config("configs/imagenet_resnet50.yaml", ["train.epochs=2"])
+    out = tmp_path / "config.yaml"
+    dump_config(cfg, str(out))
+    assert load_config(str(out)) == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert yaml.safe_load(out.read_text())["train"]["epochs"] == 2
+
+
+def test_launch_env_detection():
+    single = detect_launch_env(None, {})
+    assert (single.rank, single.world_size, single.launcher) == (0, 1, "single")
+    legacy_arg = detect_launch_env(3, {})
+    assert legacy_arg.local_rank == 3
+    torchrun = detect_launch_env(None, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                                        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.local_world_size) == (5, 8, 1, 4)
+    assert (torchrun.master_addr, torchrun.master_port, torchrun.launcher) == ("10.0.0.1", 29500, "torchrun")
+    legacy = detect_launch_env(2, {"RANK": "2", "WORLD_SIZE": "4"})  # launch without LOCAL_RANK in env
+    assert legacy.local_rank == 2
+    slurm = detect_launch_env(None, {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                                     "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "1234",
+                                     "SLURM_TASKS_PER_NODE": "8(x2)"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.local_world_size) == (9, 16, 1, 8)
+    assert (slurm.master_addr, slurm.master_port, slurm.launcher) == ("gpu003", 15000 + 1234, "slurm")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        detect_launch_env(None, {"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_slurm_nodelist_parsing_and_backend_choice():
+    assert first_slurm_host("node17") == "node17"
+    assert first_slurm_host("gpu[010-012,020],cpu1") == "gpu010"
+    assert first_slurm_host("a-b[7]") == "a-b7"
+    assert select_backend("auto", cuda_available=False) == "gloo"
+    assert select_backend("auto", cuda_available=True) == "nccl"
+    with pytest.raises(ConfigError, match="dist.backend: nccl needs CUDA"):
+        select_backend("nccl", cuda_available=False)

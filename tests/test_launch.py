@@ -1,0 +1,146 @@
+"""Every way people launch the script, each a real job of processes over gloo, plus its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.launch_utils import TRAIN_SCRIPT, child_env, run_train, tiny_overrides, wait_job
+
+CONFIG = "configs/default.yaml"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str, str]]:
+    results = [wait_job(p, timeout) for p in procs]
+    for rc, out, err in results:
+        assert rc == 0, f"exit {rc}\n{out[-2000:]}\n{err[-3000:]}"
+    return results
+
+
+def assert_trained(output_dir, world_size: int, launcher: str, stdout: str) -> None:
+    assert f"world size {world_size} ({launcher})" in stdout, stdout[-2000:]
+    assert stdout.count("== DDP + SyncBN template") == 1  # rank 0 only
+    state = torch.load(os.path.join(output_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert state["world_size"] == world_size
+
+
+def test_single_process_outputs_and_auto_resume(tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_train(tiny_overrides(out, train__tensorboard=True), nproc=1)
+    assert rc == 0, stderr
+    assert_trained(out, 1, "single", stdout)
+    assert "backend none" in stdout
+    assert stderr.count("\n") < 5, stderr  # no warnings or tracebacks on a clean run
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["output_dir"] == str(out) and resolved["train"]["epochs"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert set(record) == {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "samples_per_s",
+                               "epoch_time_s"}
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_acc1", "config"} <= set(state)
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+        assert state["config"]["model"]["name"] == "small_cnn"
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["step"] == 2 * (256 // 16)
+
+    # the same command with more epochs continues the run instead of starting over
+    rc, stdout, stderr = run_train(tiny_overrides(out, train__epochs=3), nproc=1)
+    assert rc == 0, stderr
+    assert "resumed from" in stdout and "epoch 3, step 32" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 48
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_train(tiny_overrides(out, train__epochs=1), nproc=2)
+    assert rc == 0, stderr
+    assert_trained(out, 2, "torchrun", stdout)
+    assert "backend gloo" in stdout and "synchronised over all 2 ranks" in stdout
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["model"])  # saved from the unwrapped model
+
+
+def test_legacy_launch_passes_local_rank_dash(tmp_path):
+    """``python -m torch.distributed.launch`` (deprecated, still common) passes ``--local-rank=N``."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}",
+           TRAIN_SCRIPT, "--config", CONFIG, *tiny_overrides(out, train__epochs=1)]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    (rc, stdout, stderr), = wait_all([proc])
+    assert_trained(out, 2, "torchrun", stdout)
+
+
+def test_legacy_local_rank_underscore_argument(tmp_path):
+    """Old launchers pass ``--local_rank N`` and set no LOCAL_RANK: the argument must be honoured."""
+    out = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, TRAIN_SCRIPT, "--local_rank", str(rank), "--config", CONFIG,
+               *tiny_overrides(out, train__epochs=1)]
+        procs.append(start(cmd, env))
+    results = wait_all(procs)
+    assert_trained(out, 2, "torchrun", results[0][1])
+    assert results[1][1] == ""  # rank 1 prints nothing
+
+
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_on_loopback(tmp_path, rendezvous):
+    """Two torchrun "nodes" of one process each, meeting on 127.0.0.1."""
+    out = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for node_rank in range(2):
+        if rendezvous == "static":
+            launcher = ["--nnodes=2", f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        else:
+            launcher = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=loop"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", *launcher, TRAIN_SCRIPT,
+               "--config", CONFIG, *tiny_overrides(out, train__epochs=1)]
+        procs.append(start(cmd))
+    results = wait_all(procs)
+    main_out = next(out_ for _, out_, _ in results if "== DDP" in out_)
+    assert_trained(out, 2, "torchrun", main_out)
+
+
+def test_slurm_environment(tmp_path):
+    """``srun`` starts every task itself and sets only SLURM_* variables."""
+    out = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "77",
+               "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_TASKS_PER_NODE": "2", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, TRAIN_SCRIPT, "--config", CONFIG, *tiny_overrides(out, train__epochs=1)]
+        procs.append(start(cmd, env))
+    results = wait_all(procs)
+    assert_trained(out, 2, "slurm", results[0][1])
