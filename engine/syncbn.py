@@ -1,0 +1,553 @@
+"""BatchNorm over the global batch on every device and backend, ghost BatchNorm, converters, buffer consistency.
+
+``torch.nn.SyncBatchNorm`` only synchronises CUDA (and a few accelerator) tensors and raises on CPU once a
+process group exists, so CPU/gloo runs, tests and small clusters cannot use it. :class:`SyncBatchNorm` here keeps
+the same promise everywhere: in training, the statistics are those of the concatenation of every rank's batch,
+with the cost of exactly one collective in forward and one in backward per layer. In eval mode, or without a
+process group of size > 1, it is ``torch.nn.BatchNorm{1,2,3}d``, bit for bit, with no communication.
+
+This module imports only torch, so it can be copied into another project as is.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "AnyDimBatchNorm",
+    "GhostBatchNorm",
+    "SyncBatchNorm",
+    "convert_ghost_batchnorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "sync_bn_buffers",
+]
+
+_VALID_IMPLS = ("auto", "torch", "ours")
+_VALID_POLICIES = ("broadcast", "reduce")
+# backend name -> whether the single-tensor all-gather works there (decided once, on first use).
+_GATHER_INTO_TENSOR_OK: dict[str, bool] = {}
+
+
+# --------------------------------------------------------------------------------------------- small helpers
+
+
+def _check_at_least_2d(input: Tensor) -> None:
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _active_group(process_group: Any) -> tuple[Any, int] | None:
+    """(group, size) when statistics must be synchronised; None without a group, size 1, or not a member."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    size = dist.get_world_size(group)  # -1 on a rank that is not a member of ``group``
+    return (group, size) if size > 1 else None
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 accumulate in fp32 (their range and precision are too small for sums); fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout to hand back, so channels_last models stay channels_last through the layer."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _all_gather_rows(vec: Tensor, group: Any, world_size: int) -> Tensor:
+    """Gather a 1-D tensor from every rank as rows of a (world_size, len) tensor, in one collective.
+
+    The single-tensor form is the cheapest; a backend that lacks it raises before communicating, so every rank
+    falls back to the list form together and the decision is cached per backend.
+    """
+    out = vec.new_empty(world_size, vec.numel())
+    backend = str(dist.get_backend(group))
+    if _GATHER_INTO_TENSOR_OK.get(backend, True):
+        gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        try:
+            gather_single(out.view(-1), vec, group=group)
+            _GATHER_INTO_TENSOR_OK[backend] = True
+            return out
+        except (RuntimeError, NotImplementedError):
+            if _GATHER_INTO_TENSOR_OK.get(backend):  # it worked before: this is a real failure
+                raise
+            _GATHER_INTO_TENSOR_OK[backend] = False
+    dist.all_gather(list(out.unbind(0)), vec, group=group)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the math
+
+
+def _local_moments(x: Tensor, stat_dtype: torch.dtype) -> Tensor:
+    """Packed [count, mean(C), M2(C)] of this rank; an empty rank sends zeros, which the combine ignores.
+
+    Mean and sum of squared deviations (not sum and sum of squares) keep a large common offset from cancelling.
+    """
+    channels = x.size(1)
+    count = x.numel() // channels
+    if count == 0:
+        return torch.zeros(2 * channels + 1, dtype=stat_dtype, device=x.device)
+    var, mean = torch.var_mean(x.to(stat_dtype), dim=_reduce_dims(x), correction=0)
+    return torch.cat([mean.new_full((1,), float(count)), mean, var * count])
+
+
+def _combine_moments(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's parallel formula over ranks: (global count, global mean, global M2), the same bits on every rank.
+
+    Every rank runs the same ops on the same gathered tensor, so the result (and hence the running buffers) is
+    identical everywhere and DDP's buffer broadcast is unnecessary.
+    """
+    counts = gathered[:, :1]
+    means = gathered[:, 1 : 1 + channels]
+    m2s = gathered[:, 1 + channels :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total.clamp(min=1)
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return total, mean, m2
+
+
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased_var: Tensor, factor: float | Tensor
+) -> None:
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+    running_var.mul_(1 - factor).add_(unbiased_var.to(running_var.dtype) * factor)
+
+
+def _normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """(x - mean) * invstd * weight + bias in the statistics dtype; subtracting first keeps large offsets exact."""
+    nd, sd = x.dim(), mean.dtype
+    scale = invstd if weight is None else invstd * weight.to(sd)
+    out = (x.to(sd) - _per_channel(mean, nd)).mul_(_per_channel(scale, nd))
+    if bias is not None:
+        out.add_(_per_channel(bias.to(sd), nd))
+    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _global_count(total: Tensor, input: Tensor, world_size: int) -> int:
+    """The one host read in the layer: the global count, which decides the count-0 and count-1 cases.
+
+    It is read after the forward collective, so every rank sees the same value and raises (or not) together:
+    no rank is left waiting in a collective that another skipped. Counts travel in the statistics dtype, so they
+    are exact up to 2**24 samples per channel in fp32; beyond that the relative error is ~1e-7, harmless here.
+    """
+    count = int(round(total.item()))
+    if count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()} "
+            f"(1 value per channel in total over the {world_size} ranks of the process group)"
+        )
+    return count
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Global-batch BatchNorm: one all-gather of (2C+1) moments forward, one all-reduce of 2C sums backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        factor: float | Tensor,
+        group: Any,
+        world_size: int,
+    ) -> Tensor:
+        channels, sd = x.size(1), _stat_dtype(x.dtype)
+        gathered = _all_gather_rows(_local_moments(x, sd), group, world_size)
+        total, mean, m2 = _combine_moments(gathered, channels)
+        count = _global_count(total, x, world_size)
+        invstd = torch.rsqrt(m2 / max(count, 1) + eps)
+        if count > 1 and running_mean is not None and running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, m2 / (count - 1), factor)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.group, ctx.count = group, count
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _normalize(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        # Autograd calls this on an empty rank too (its output is part of the loss graph, with an empty grad), so
+        # every rank enters the all-reduce. Whether the input needs a grad is decided by the graph, not the data,
+        # so all ranks skip it together when it does not (then only the local parameter grads are needed).
+        x, weight, mean, invstd = ctx.saved_tensors
+        nd, sd, dims = x.dim(), mean.dtype, _reduce_dims(x)
+        dy = grad_out.to(sd)
+        xmu = x.to(sd) - _per_channel(mean, nd)
+        sum_dy = dy.sum(dims)
+        sum_dy_xmu = (dy * xmu).sum(dims)
+        grad_weight = grad_bias = grad_x = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, group=ctx.group)
+            mean_dy, mean_dy_xmu = (sums / max(ctx.count, 1)).chunk(2)
+            scale = invstd if weight is None else invstd * weight.to(sd)
+            grad_x = (dy - _per_channel(mean_dy, nd)).sub_(xmu.mul_(_per_channel(invstd * invstd * mean_dy_xmu, nd)))
+            grad_x = grad_x.mul_(_per_channel(scale, nd)).to(x.dtype).contiguous(memory_format=_memory_format(x))
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""BatchNorm whose training statistics cover the whole batch of all ranks in ``process_group``, on any device.
+
+    Same constructor, parameters and buffers as ``torch.nn.SyncBatchNorm`` (state_dicts interchange with it and
+    with ``BatchNorm{1,2,3}d``); accepts (N, C, \*) input with any number of trailing dims.
+
+    Training with a group of size > 1: mean and biased variance over all samples of all ranks, each rank weighted
+    by its sample count (uneven and empty batches are exact); running stats get the global mean and unbiased
+    variance, bit-identical on every rank. Cost: one all-gather forward, one all-reduce backward, and one host read
+    of the global sample count (to raise consistently; see below).
+
+    Edge cases, decided after the forward collective so all ranks agree:
+      * global count of 1 value per channel: every rank raises BatchNorm's ``ValueError: Expected more than 1
+        value per channel when training ...`` (instead of NaN on some ranks and a hang on others);
+      * global count of 0: empty outputs, running_mean/var unchanged (num_batches_tracked still counts the step,
+        as BatchNorm does).
+
+    Every rank must call the layer (and, in training, backward through it) the same number of times; an empty
+    rank's loss must still depend on the output (e.g. a sum that is 0) so that its backward runs.
+
+    Eval mode with running stats, no process group, a group of size 1, or a rank outside ``process_group``: no
+    communication at all, exactly ``BatchNorm{1,2,3}d``'s result.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        extra = {} if bias else {"bias": False}  # only pass what older torch versions may not know when needed
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_at_least_2d(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        sync = _active_group(self.process_group) if self.training else None
+        if sync is None:
+            return super().forward(input)
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        group, world_size = sync
+        factor = self._count_step()
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
+        )
+
+    def _count_step(self) -> float | Tensor:
+        """Advance num_batches_tracked like _BatchNorm; the cumulative-average factor stays a tensor (no host read)."""
+        if not self.track_running_stats or self.num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return self.num_batches_tracked.to(torch.float64).reciprocal()
+        return self.momentum
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
+        """Drop-in for ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, producing this class."""
+        return convert_sync_batchnorm(module, process_group, impl="ours")
+
+
+class AnyDimBatchNorm(_BatchNorm):
+    """Plain local BatchNorm for (N, C, *) input of any rank; what revert gives when the original class is unknown."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_at_least_2d(input)
+
+
+class GhostBatchNorm(_BatchNorm):
+    """BatchNorm that, in training, normalises ``virtual_splits`` equal chunks of the batch each on its own.
+
+    It reproduces on one process what k processes of DDP with local BatchNorm compute (outputs and, with a mean
+    loss over the whole batch, DDP's averaged gradients), so results can be compared or reproduced without the
+    ranks. Running stats follow the FIRST chunk only, as DDP's broadcast_buffers makes them follow rank 0's.
+    Eval: plain BatchNorm with the running stats. The batch must be divisible by ``virtual_splits``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        virtual_splits: int,
+        bias: bool = True,
+    ) -> None:
+        if not isinstance(virtual_splits, int) or virtual_splits < 1:
+            raise ValueError(f"GhostBatchNorm: virtual_splits must be a positive int, got {virtual_splits!r}")
+        extra = {} if bias else {"bias": False}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
+        self.virtual_splits = virtual_splits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_splits={self.virtual_splits}"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_at_least_2d(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        batch, splits = input.size(0), self.virtual_splits
+        if not self.training or splits == 1 or batch == 0:
+            return super().forward(input)
+        if batch % splits:
+            raise ValueError(
+                f"GhostBatchNorm: batch size {batch} is not divisible by virtual_splits={splits}; "
+                f"use a batch size that is a multiple of {splits} (e.g. drop_last=True in the loader)"
+            )
+        factor = self._count_step()
+        outs = [
+            F.batch_norm(
+                chunk,
+                self.running_mean if i == 0 and self.track_running_stats else None,
+                self.running_var if i == 0 and self.track_running_stats else None,
+                self.weight,
+                self.bias,
+                True,
+                factor,
+                self.eps,
+            )
+            for i, chunk in enumerate(input.split(batch // splits))
+        ]
+        return torch.cat(outs)
+
+    def _count_step(self) -> float:
+        """The same momentum / cumulative-average factor _BatchNorm.forward uses, counting one step per call."""
+        if not self.track_running_stats or self.num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+
+# --------------------------------------------------------------------------------------------- converters
+
+
+def _replace_batchnorms(module: nn.Module, build: Callable[[_BatchNorm], nn.Module | None]) -> nn.Module:
+    """Rebuild every _BatchNorm for which ``build`` returns a module (None: keep it); also the root."""
+    out = build(module) if isinstance(module, _BatchNorm) else None
+    out = module if out is None else out
+    for name, child in module.named_children():
+        new_child = _replace_batchnorms(child, build)
+        if new_child is not child or out is not module:
+            out.add_module(name, new_child)
+    return out
+
+
+def _hand_over(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
+    """Give ``dst`` the very tensors of ``src``, so optimizers, DDP and requires_grad keep pointing at them."""
+    if src.affine:
+        dst.weight = src.weight
+        dst.bias = src.bias
+    dst.running_mean = src.running_mean
+    dst.running_var = src.running_var
+    dst.num_batches_tracked = src.num_batches_tracked
+    dst.training = src.training
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+    return dst
+
+
+def _bias_kwargs(bn: _BatchNorm) -> dict[str, bool]:
+    return {"bias": False} if bn.affine and bn.bias is None else {}
+
+
+def _is_on_cuda(bn: _BatchNorm) -> bool:
+    return any(t.is_cuda for t in itertools.chain(bn.parameters(recurse=False), bn.buffers(recurse=False)))
+
+
+def _reject_data_parallel(module: nn.Module) -> None:
+    if any(isinstance(m, nn.DataParallel) for m in module.modules()):
+        raise ValueError(
+            "convert_sync_batchnorm: the model is wrapped in torch.nn.DataParallel, whose replicas are threads of "
+            "one process with no process group to synchronise over. Use DistributedDataParallel (one process per "
+            "device) and convert the model before or after wrapping it."
+        )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None, impl: str = "auto") -> nn.Module:
+    """Replace every BatchNorm (root included, also inside DDP) by a synchronised one, keeping its tensors.
+
+    ``impl``: "auto" uses torch.nn.SyncBatchNorm for layers on CUDA (its fused kernels) and ours elsewhere,
+    "torch" always torch's, "ours" always ours. Layers already synchronised are left as they are. The original
+    class is remembered in ``_orig_bn_class`` so :func:`revert_sync_batchnorm` can restore it.
+    """
+    if impl not in _VALID_IMPLS:
+        raise ValueError(f"convert_sync_batchnorm: impl must be one of {', '.join(_VALID_IMPLS)}; got {impl!r}")
+    _reject_data_parallel(module)
+
+    def build(bn: _BatchNorm) -> nn.Module | None:
+        if isinstance(bn, (SyncBatchNorm, nn.SyncBatchNorm)):
+            return None
+        use_torch = impl == "torch" or (impl == "auto" and _is_on_cuda(bn))
+        cls = nn.SyncBatchNorm if use_torch else SyncBatchNorm
+        new = cls(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            process_group,
+            device="meta",  # every tensor is replaced by the original's right away
+            **_bias_kwargs(bn),
+        )
+        new._orig_bn_class = getattr(bn, "_orig_bn_class", type(bn))
+        return _hand_over(bn, new)
+
+    return _replace_batchnorms(module, build)
+
+
+def _plain_batchnorm(bn: _BatchNorm) -> _BatchNorm:
+    """An instance of the remembered original class when it can be built like BatchNorm, else AnyDimBatchNorm."""
+    args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    cls = getattr(bn, "_orig_bn_class", None)
+    if isinstance(cls, type) and issubclass(cls, _BatchNorm):
+        try:
+            return cls(*args, device="meta", **_bias_kwargs(bn))
+        except TypeError:  # a custom subclass with its own constructor: fall through to the generic one
+            pass
+    return AnyDimBatchNorm(*args, device="meta", **_bias_kwargs(bn))
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn SyncBatchNorm (ours or torch's) and GhostBatchNorm back into local BatchNorm for inference/export.
+
+    The original ``BatchNorm{1,2,3}d`` class is restored when known (``_orig_bn_class``), else
+    :class:`AnyDimBatchNorm`. The same Parameter and buffer objects are kept.
+    """
+
+    def build(bn: _BatchNorm) -> nn.Module | None:
+        if not isinstance(bn, (SyncBatchNorm, nn.SyncBatchNorm, GhostBatchNorm)):
+            return None
+        return _hand_over(bn, _plain_batchnorm(bn))
+
+    return _replace_batchnorms(module, build)
+
+
+def convert_ghost_batchnorm(module: nn.Module, virtual_splits: int) -> nn.Module:
+    """Replace every BatchNorm (root included) by :class:`GhostBatchNorm`, keeping its tensors; ghosts stay as is."""
+
+    def build(bn: _BatchNorm) -> nn.Module | None:
+        if isinstance(bn, GhostBatchNorm):
+            return None
+        new = GhostBatchNorm(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            device="meta",
+            virtual_splits=virtual_splits,
+            **_bias_kwargs(bn),
+        )
+        new._orig_bn_class = getattr(bn, "_orig_bn_class", type(bn))
+        return _hand_over(bn, new)
+
+    return _replace_batchnorms(module, build)
+
+
+# --------------------------------------------------------------------------------------------- buffers
+
+
+def _tracked_batchnorms(module: nn.Module) -> list[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+
+
+def _pack_buffers(layers: list[_BatchNorm]) -> Tensor:
+    """All running stats as one fp64 vector: [means..., vars..., num_batches_tracked...] (fp64 holds them exactly)."""
+    parts = [m.running_mean for m in layers] + [m.running_var for m in layers]
+    parts += [m.num_batches_tracked.view(1) for m in layers if m.num_batches_tracked is not None]
+    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+
+
+def _unpack_buffers(layers: list[_BatchNorm], flat: Tensor) -> None:
+    targets = [m.running_mean for m in layers] + [m.running_var for m in layers]
+    targets += [m.num_batches_tracked for m in layers if m.num_batches_tracked is not None]
+    offset = 0
+    for t in targets:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def sync_bn_buffers(module: nn.Module, policy: str = "broadcast", process_group: Any | None = None) -> None:
+    """Make the running stats of every BatchNorm equal on all ranks, for models trained without SyncBN.
+
+    "broadcast": take (group) rank 0's, as DDP's broadcast_buffers does. "reduce": pool the ranks with equal
+    weights: mean of the running means, and mean of the running vars plus the spread of the per-rank means
+    (mean of (mean_r - pooled_mean)^2). num_batches_tracked is rank 0's. All layers travel in one collective.
+    No-op without a process group, with a group of size 1, or on a rank outside ``process_group``.
+    """
+    if policy not in _VALID_POLICIES:
+        raise ValueError(f"sync_bn_buffers: policy must be one of {', '.join(_VALID_POLICIES)}; got {policy!r}")
+    sync = _active_group(process_group)
+    layers = _tracked_batchnorms(module)
+    if sync is None or not layers:
+        return
+    group, world_size = sync
+    flat = _pack_buffers(layers)
+    if policy == "broadcast":
+        src = 0 if process_group is None else dist.get_global_rank(group, 0)
+        dist.broadcast(flat, src=src, group=group)
+    else:
+        flat = _pool_buffers(_all_gather_rows(flat, group, world_size), layers)
+    with torch.no_grad():
+        _unpack_buffers(layers, flat)
+
+
+def _pool_buffers(rows: Tensor, layers: list[_BatchNorm]) -> Tensor:
+    """Equal-weight pooling of gathered [means, vars, counters] rows; two-pass, so large means do not cancel."""
+    channels = sum(m.running_mean.numel() for m in layers)
+    means, variances = rows[:, :channels], rows[:, channels : 2 * channels]
+    pooled_mean = means.mean(0)
+    pooled_var = variances.mean(0) + ((means - pooled_mean) ** 2).mean(0)
+    return torch.cat([pooled_mean, pooled_var, rows[0, 2 * channels :]])
