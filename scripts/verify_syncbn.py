@@ -4,7 +4,7 @@ Usage (from the repository root):
     python3 scripts/verify_syncbn.py                 # spawns 2 CPU processes (gloo)
     python3 scripts/verify_syncbn.py --nproc 3
     torchrun --nproc_per_node=4 scripts/verify_syncbn.py   # NCCL + CUDA when available: ours AND torch's
-    python3 scripts/verify_syncbn.py --config configs/x.yaml   # whole-model check (scripts/verify_model.py)
+    python3 scripts/verify_syncbn.py --config configs/x.yaml   # whole model: one DDP step vs one process
 
 Every rank builds the same global batch from one seed and feeds its own uneven slice; the reference is
 BatchNormNd in fp64 on the whole batch. Exit status 0 when every row passes, 1 otherwise.
@@ -126,6 +126,10 @@ def print_table(rows: list[Row], world_size: int, atol: float) -> None:
 
 
 def _check_and_report(impls: list[str], args: argparse.Namespace, device: torch.device) -> int:
+    if args.config:
+        from scripts.verify_model import check_model  # lazy: only this mode needs models/ and data/
+
+        return check_model(args.config, device, args.atol)
     rows = verify_all(impls, args.seed, device, args.atol)
     if dist.get_rank() == 0:
         print_table(rows, dist.get_world_size(), args.atol)
@@ -183,18 +187,6 @@ def run_under_torchrun(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
-def run_model_check(args: argparse.Namespace) -> int:
-    """--config: whole-model check. HOOK for the model registry: implemented in scripts/verify_model.py."""
-    try:
-        from scripts.verify_model import verify_model  # lazy: only this mode needs models/ and data/
-    except ImportError as err:
-        print(f"verify_syncbn: --config needs scripts/verify_model.py with verify_model(config_path, nproc): {err}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    nproc = int(os.environ.get("WORLD_SIZE", args.nproc))
-    return int(verify_model(args.config, nproc) or 0)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn on CPU (ignored under torchrun)")
@@ -210,8 +202,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.config:
-        return run_model_check(args)
     if "WORLD_SIZE" in os.environ:
         return run_under_torchrun(args)
     return run_spawned(args)
