@@ -105,3 +105,24 @@ def test_default_job_learns(tmp_path):
     assert len(records) == 3
     assert records[-1]["val_acc1"] > 60, records
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"train__accumulate_steps": 2, "train__clip_grad_norm": 1.0, "train__amp": "bf16", "train__channels_last": True,
+         "syncbn__group_size": 1, "train__optimizer": "adamw", "train__lr": 0.001, "train__schedule": "step",
+         "train__step_milestones": "[1]"},
+        {"syncbn__enabled": False, "syncbn__virtual_splits": 2, "syncbn__buffer_policy": "reduce"},
+    ],
+    ids=["accum-clip-bf16-channels_last-groups-adamw-step", "ghost-bn-reduce-buffers"],
+)
+def test_training_switches_run_on_two_processes(tmp_path, extra):
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_train(tiny_overrides(out, **extra), nproc=2)
+    assert rc == 0, stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["val_loss"] == r["val_loss"] for r in records)  # finite, not NaN
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["global_batch"] == 16 * 2 * int(extra.get("train__accumulate_steps", 1))
