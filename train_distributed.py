@@ -27,7 +27,15 @@ from data import DataError, build_datasets
 from data.loaders import build_train_loader, build_val_loader
 from engine import checkpoint as ckpt
 from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config
-from engine.distributed import DistContext, RankZeroError, cleanup, gather_objects, init_distributed, rank0_decides
+from engine.distributed import (
+    DistContext,
+    RankZeroError,
+    barrier,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    rank0_decides,
+)
 from engine.faults import FaultInjector
 from engine.logging import MetricsWriter, setup_logger
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
@@ -67,12 +75,21 @@ def prepare_output_dir(cfg: Config) -> str | None:
     if resume == "auto":
         path = ckpt.find_resume_checkpoint(out)
         if path is None and ckpt.has_run_outputs(out):
+            ckpt_dir = os.path.join(out, ckpt.CHECKPOINT_DIR)
+            names = sorted(name for name in os.listdir(ckpt_dir) if name.endswith(".pt") and not name.startswith("."))
             raise ConfigError(
-                f"output_dir {out} holds a run but no loadable checkpoint in {out}/{ckpt.CHECKPOINT_DIR}; "
-                "move it away or choose another output_dir"
+                f"output_dir {out} holds a run but no loadable checkpoint in {ckpt_dir} "
+                f"(unreadable: {', '.join(names) or 'none'}); move it away or choose another output_dir"
             )
         return path
     ckpt.load_checkpoint(resume)  # fail here, on rank 0, with the file's name
+    own = os.path.join(os.path.abspath(out), ckpt.CHECKPOINT_DIR)
+    if ckpt.has_run_outputs(out) and os.path.dirname(os.path.abspath(resume)) != own:
+        # starting from another run's weights here would overwrite this run's checkpoints
+        raise ConfigError(
+            f"output_dir {out} already holds a run; to start from {resume} choose another output_dir "
+            "(or train.resume=auto to continue the run there)"
+        )
     return resume
 
 
@@ -112,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)
     log = setup_logger(ctx.rank)
     resume_path = rank0_decides(lambda: prepare_output_dir(cfg))
-    if ctx.is_main:
-        dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     random.seed(cfg.train.seed + ctx.rank)
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per rank: dropout and the like differ across ranks
 
@@ -165,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.eval_only:
             log.info(f"evaluating {resume_path}")
         else:
-            warning = ckpt.check_run_compatible(loaded, cfg.model.name, global_batch, ctx.world_size, resume_path)
+            warning = ckpt.check_run_compatible(
+                loaded, cfg.model.name, global_batch, ctx.world_size, resume_path, optimizer=cfg.train.optimizer
+            )
             if warning:
                 log.warning(warning)
             optimizer.load_state_dict(loaded["optimizer"])
@@ -175,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             if not warning:
                 ckpt.restore_rng_state(loaded["rng"][ctx.rank])
             log.info(f"resumed from {resume_path}: epoch {state.epoch + 1}, step {state.step}")
+    if ctx.is_main and not cfg.train.eval_only:
+        # only now: a refused resume (another model, another global batch) must leave the run's files untouched
+        dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
     def consistent_bn_buffers() -> None:
         # without SyncBN each rank's running stats drift apart; agree before they are used or saved
@@ -235,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if stopped:
                 save()
+                barrier()  # no rank exits (and makes the launcher tear the job down) before rank 0's save is on disk
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED

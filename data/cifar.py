@@ -22,6 +22,14 @@ def _build(cfg: DataConfig, classes: int) -> DatasetPair:
             files = [name for name, _ in self.train_list + self.test_list]
             return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in files)
 
+        def _load_meta(self) -> None:  # the same trust for batches.meta, which torchvision checks separately
+            import pickle
+
+            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
     if not cfg.download and not os.path.isdir(folder):
         raise DataError(
             f"data.root: CIFAR-{classes} not found at {folder}; set data.download=true to fetch it, "

@@ -8,6 +8,7 @@ moment leaves either the old or the new complete file, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -71,6 +72,10 @@ def save_checkpoint(state: dict[str, Any], output_dir: str, keep: int, is_best: 
     """Write a new history checkpoint, point ``last.pt`` (and ``best.pt``) at it, prune old ones. Rank 0 only."""
     ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
     os.makedirs(ckpt_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(ckpt_dir, ".tmp_*")):
+        # a writer killed mid-save left it (a whole checkpoint's worth); only rank 0 writes here, so none is live
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
     path = os.path.join(ckpt_dir, f"ckpt_e{state['epoch']:04d}_s{state['step']:08d}.pt")
     atomic_torch_save(state, path)
     _atomic_link(path, os.path.join(ckpt_dir, "last.pt"))
@@ -195,12 +200,21 @@ def _to_tuples(obj: Any) -> Any:
     return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
 
 
-def check_run_compatible(ckpt: dict[str, Any], model_name: str, global_batch: int, world_size: int, path: str) -> str:
-    """Refuse a checkpoint of another model or global batch; return a warning when only the world size changed."""
+def check_run_compatible(
+    ckpt: dict[str, Any], model_name: str, global_batch: int, world_size: int, path: str, optimizer: str | None = None
+) -> str:
+    """Refuse a checkpoint of another model, optimizer or global batch; warn when only the world size changed."""
     saved = ckpt.get("config", {})
     saved_model = saved.get("model", {}).get("name")
     if saved_model is not None and saved_model != model_name:
         raise CheckpointError(f"checkpoint {path} was trained with model.name={saved_model}, this run uses {model_name}")
+    saved_optimizer = saved.get("train", {}).get("optimizer")
+    if optimizer is not None and saved_optimizer is not None and saved_optimizer != optimizer:
+        # another optimizer's state (momentum vs. Adam moments) would load, then crash at the first step
+        raise CheckpointError(
+            f"checkpoint {path} was trained with train.optimizer={saved_optimizer}, this run uses {optimizer} "
+            "(keep the optimizer to resume, or start a new output_dir from these weights)"
+        )
     saved_batch = ckpt.get("global_batch")
     if saved_batch is not None and saved_batch != global_batch:
         raise CheckpointError(

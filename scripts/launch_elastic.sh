@@ -3,6 +3,9 @@
 #   NNODES=2 RDZV_ENDPOINT=10.0.0.1:29400 JOB_ID=exp1 scripts/launch_elastic.sh 8 --config configs/imagenet_resnet50.yaml
 # Workers resume from output_dir's last checkpoint after a restart (train.resume: auto).
 set -euo pipefail
+# Restarted gloo workers must not reuse the dead round's addresses from torchrun's shared store
+# (pytorch/pytorch#135712); a fresh store per round makes --max_restarts work.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 NPROC=${1:?usage: NNODES=.. RDZV_ENDPOINT=host:port JOB_ID=.. $0 NPROC --config FILE [overrides]}
 shift
 cd "$(dirname "$0")/.."

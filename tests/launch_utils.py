@@ -13,6 +13,7 @@ Every job starts in its own session, so on timeout the whole process group
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,7 +78,8 @@ def train_command(
     script = [TRAIN_SCRIPT, "--config", config or str(REPO_ROOT / "configs" / "default.yaml"), *args]
     if nproc == 1 and not launcher_args:
         return [sys.executable, *script]
-    rendezvous = [] if any(a.startswith(("--rdzv", "--master", "--nnodes")) for a in launcher_args) else ["--standalone"]
+    explicit = any(a.startswith(("--rdzv", "--master", "--nnodes")) for a in launcher_args)
+    rendezvous = [] if explicit else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}",
             *launcher_args, *script]
 
@@ -104,10 +106,8 @@ def start_train(
 
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL the job's whole process group (launcher and every worker)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def wait_job(proc: subprocess.Popen, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[int, str, str]:
@@ -118,7 +118,8 @@ def wait_job(proc: subprocess.Popen, timeout: float = DEFAULT_TIMEOUT_S) -> tupl
         kill_job(proc)
         out, err = proc.communicate()
         raise AssertionError(
-            f"job did not finish within {timeout:.0f}s (killed)\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
+            f"job did not finish within {timeout:.0f}s (killed)\n"
+            f"--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
         ) from None
     finally:
         # workers orphaned by a dying launcher must not outlive the test
@@ -207,7 +208,7 @@ def _preloaded_context():
         import multiprocessing
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["train_distributed"])
+        ctx.set_forkserver_preload(["train_distributed", "torchvision"])
         _PRELOADED = ctx
     return _PRELOADED
 
@@ -256,7 +257,8 @@ def run_train_preloaded(
         out, err = (_read(p) for p in (out_path, err_path))
     if timed_out:
         raise AssertionError(
-            f"run did not finish within {timeout:.0f}s (killed)\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
+            f"run did not finish within {timeout:.0f}s (killed)\n"
+            f"--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-4000:]}"
         )
     code = proc.exitcode
     return (code if code >= 0 else 128 - code), out, err

@@ -1,0 +1,207 @@
+"""End-to-end overhead of the template: train_distributed.py against a minimal hand-written DDP loop.
+
+    python benchmarks/bench_end_to_end.py                    # default model, world size 2 (torchrun, gloo), ABAB
+    python benchmarks/bench_end_to_end.py --suite resnet18   # SyncBN on/off step-time ratio, torchvision resnet18 64px b16
+    python benchmarks/bench_end_to_end.py --workers0         # also the template with data.num_workers=0 (attribution)
+    python benchmarks/bench_end_to_end.py --gpu-resnet50     # GPU: resnet50 b32, bf16, channels_last/compile on/off,
+                                                             #      ours vs torch.nn.SyncBatchNorm (needs 2+ GPUs)
+
+Both sides are launched the same way (torchrun --standalone, OMP_NUM_THREADS=1, fresh process per run) and timed
+the same way: wall time per epoch of ``steps`` optimizer steps, the first epoch dropped (warm-up: allocator,
+persistent loader workers, gloo connections), median over the remaining epochs of the run, then median and
+min-max over runs. Runs alternate template / minimal (ABAB...) so machine drift hits both.
+
+The template's epoch time is its own ``metrics.jsonl`` ``epoch_time_s`` (``samples_per_s`` is derived from it).
+That figure also covers the end-of-epoch evaluation; the benchmark makes it one batch per rank (data.num_val =
+2 x batch) so it costs about one forward-only step in 64, i.e. the template is charged slightly MORE than its
+training steps (a conservative bias of <1%).
+
+The minimal loop uses the same model (models.build_model), the same synthetic data tensors, the same
+DistributedSampler permutation and batch, SGD with the same lr/momentum/weight decay, the same BatchNorm
+conversion (convert_sync_batchnorm, impl auto) and the same DDP buffer policy; it has no augmentation, no
+DataLoader, no per-step flag all-reduce, no logging, no schedule and no checkpoints: what those cost is the
+template's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, child_env, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
+
+GOAL = 0.97
+SUITES = {
+    # name: (model, image_size, batch, num_train, epochs, model kwargs)
+    "default": ("small_cnn", 32, 32, 1536, 3, "{}"),
+    "resnet18": ("resnet18", 64, 16, 384, 3, "{}"),
+}
+
+
+# --------------------------------------------------------------------------------------------- the minimal loop
+
+
+def minimal_worker(args: argparse.Namespace) -> None:
+    """~40 lines: the reference DDP loop, run under torchrun."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from data import build_datasets
+    from engine.config import DataConfig, ModelConfig
+    from engine.syncbn import convert_sync_batchnorm
+    from models import build_model
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed + rank)
+    model = build_model(ModelConfig(name=args.model, num_classes=10, kwargs=json.loads(args.kwargs or "{}")))
+    if args.syncbn:
+        model = convert_sync_batchnorm(model, impl="auto")
+    model = DDP(model, forward_sync_buffers=not args.syncbn)
+    data = build_datasets(DataConfig(name="synthetic", image_size=args.image_size, num_train=args.num_train,
+                                     num_val=64), 10, args.seed).train
+    images, labels = data.images, data.labels
+    lr = 0.2 * args.batch * world / 256
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9)
+    steps = len(images) // (args.batch * world)
+    epoch_times = []
+    for epoch in range(args.epochs):
+        g = torch.Generator().manual_seed(args.seed + epoch)
+        shard = torch.randperm(len(images), generator=g)[rank::world]  # DistributedSampler's interleaving
+        model.train()
+        t0 = time.perf_counter()
+        for s in range(steps):
+            idx = shard[s * args.batch:(s + 1) * args.batch]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        loss.item()
+        epoch_times.append(time.perf_counter() - t0)
+    if rank == 0:
+        print("MINIMAL_RESULT " + json.dumps({"epoch_times": epoch_times, "steps": steps,
+                                              "global_batch": args.batch * world}), flush=True)
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------- launching
+
+
+def _run(cmd: list[str], timeout: float = 600) -> str:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def run_template(suite: str, syncbn: bool, workers: int, nproc: int) -> float:
+    """Steady-state samples/s of train_distributed.py (median over epochs 2..E of metrics.jsonl)."""
+    model, size, batch, num_train, epochs, kwargs = SUITES[suite]
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"output_dir={tmp}/run", f"model.name={model}", f"model.kwargs={kwargs}", f"data.image_size={size}",
+            f"data.batch_size={batch}", f"data.num_train={num_train}", f"data.num_val={2 * batch}",
+            f"data.num_workers={workers}", f"train.epochs={epochs}", "train.tensorboard=false",
+            "train.progress_bar=false", "train.print_freq=100000", f"syncbn.enabled={'true' if syncbn else 'false'}",
+            "train.keep_checkpoints=1",
+        ]
+        _run(torchrun_cmd(nproc, "train_distributed.py", "--config", "configs/default.yaml", *overrides))
+        with open(f"{tmp}/run/metrics.jsonl", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+    return med([r["samples_per_s"] for r in records[1:]])
+
+
+def run_minimal(suite: str, syncbn: bool, nproc: int) -> float:
+    model, size, batch, num_train, epochs, kwargs = SUITES[suite]
+    out = _run(torchrun_cmd(nproc, "benchmarks/bench_end_to_end.py", "--worker", "--model", model, "--kwargs", kwargs,
+                            "--image-size", str(size), "--batch", str(batch), "--num-train", str(num_train),
+                            "--epochs", str(epochs), *(["--syncbn"] if syncbn else [])))
+    line = next(ln for ln in out.splitlines() if ln.startswith("MINIMAL_RESULT "))
+    res = json.loads(line.split(" ", 1)[1])
+    return med([res["steps"] * res["global_batch"] / t for t in res["epoch_times"][1:]])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=list(SUITES), default="default")
+    parser.add_argument("--repeats", type=int, default=2, help="ABAB pairs per SyncBN setting")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="template data.num_workers (configs/default.yaml: 1)")
+    parser.add_argument("--workers0", action="store_true", help="also time the template with num_workers=0")
+    parser.add_argument("--gpu-resnet50", action="store_true", help="GPU suite (see bench_end_to_end_gpu)")
+    # worker mode (internal: what torchrun runs for the minimal loop)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="small_cnn", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--num-train", type=int, default=4096, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--syncbn", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        minimal_worker(args)
+        return 0
+    if args.gpu_resnet50:
+        from bench_end_to_end_gpu import main as gpu_main
+
+        return gpu_main()
+
+    model, size, batch, num_train, epochs, _ = SUITES[args.suite]
+    print(machine_banner(f"setup   : {args.nproc} ranks (torchrun, gloo, OMP_NUM_THREADS=1), model {model} {size}px, "
+                         f"batch {batch}/rank, {num_train // (batch * args.nproc)} steps/epoch, {epochs} epochs/run "
+                         f"(first dropped), {args.repeats} ABAB pairs per setting, template data.num_workers="
+                         f"{args.workers}"), flush=True)
+    results: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        for syncbn in (False, True):
+            tag = "on" if syncbn else "off"
+            order = ["template", "minimal"] if r % 2 == 0 else ["minimal", "template"]
+            for kind in order:
+                if kind == "template":
+                    v = run_template(args.suite, syncbn, args.workers, args.nproc)
+                else:
+                    v = run_minimal(args.suite, syncbn, args.nproc)
+                results.setdefault(f"{kind}_{tag}", []).append(v)
+                print(f"  run {r + 1}/{args.repeats} syncbn {tag:3s} {kind:8s}: {v:8.1f} samples/s", flush=True)
+            if args.workers0:
+                v = run_template(args.suite, syncbn, 0, args.nproc)
+                results.setdefault(f"template0_{tag}", []).append(v)
+                print(f"  run {r + 1}/{args.repeats} syncbn {tag:3s} template (num_workers=0): {v:8.1f} samples/s")
+    rows, all_ok = [], True
+    for tag in ("off", "on"):
+        rel = ratio_stat(results[f"template_{tag}"], results[f"minimal_{tag}"])
+        ok = med(rel) >= GOAL
+        all_ok &= ok
+        rows.append([f"SyncBN {tag}", f"template (num_workers={args.workers})", fmt_stat(results[f"template_{tag}"], 1, 1),
+                     fmt_stat(results[f"minimal_{tag}"], 1, 1), fmt_stat(rel), verdict(ok)])
+        if args.workers0:
+            rel0 = ratio_stat(results[f"template0_{tag}"], results[f"minimal_{tag}"])
+            rows.append([f"SyncBN {tag}", "template (num_workers=0)", fmt_stat(results[f"template0_{tag}"], 1, 1),
+                         fmt_stat(results[f"minimal_{tag}"], 1, 1), fmt_stat(rel0), verdict(med(rel0) >= GOAL)])
+    print_table(["setting", "variant", "template samples/s", "minimal samples/s", "template/minimal", "goal>=0.97"], rows,
+                f"End-to-end throughput, {model}, world size {args.nproc} (median [min-max] over runs)")
+    # SyncBN on/off step-time ratio = samples/s off / samples/s on
+    step_rows = []
+    for kind in ("minimal", "template"):
+        ratio = ratio_stat(results[f"{kind}_off"], results[f"{kind}_on"])
+        step_rows.append([model, kind, fmt_stat(ratio)])
+    print_table(["model", "loop", "step time SyncBN on / off"], step_rows, "SyncBN cost at the model level")
+    print(f"\ngoal template >= {GOAL} x minimal loop: {verdict(all_ok)}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

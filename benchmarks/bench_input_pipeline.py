@@ -1,0 +1,191 @@
+"""Input pipeline: is the loader ever the bottleneck? And how long from launch to the first training step?
+
+    python benchmarks/bench_input_pipeline.py
+    python benchmarks/bench_input_pipeline.py --configs cifar --repeats 5
+
+For the default config (synthetic data, small_cnn) and a CIFAR-10 config (a generated fake CIFAR-10 folder in
+torchvision's python-pickle format, cifar_resnet20), it measures in one process, alternating (ABAB):
+  loader   samples/s of rank 0's train loader of a 2-rank job (build_train_loader: ResumableDistributedSampler,
+           SeededAugmentation, the configured data.num_workers), one epoch per repeat, first batch excluded
+           (worker start-up is counted in the launch figure instead);
+  model    samples/s one rank's training step consumes (forward + backward + SGD, one thread, local BN), i.e. the
+           rate the loader must sustain. Goal: loader / model >= 1 (the loader never starves a step).
+Then it launches ``train_distributed.py`` with torchrun (2 ranks, gloo) and times launch -> the first training
+step's log line ("[1/N]", printed when step 1 ends), and launch -> the banner (setup before data and training).
+Caveat: on this 2-core machine the loader workers and the ranks share the cores; the isolated rates say whether
+the loader's work per sample is small enough, not that it is free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import REPO_ROOT, child_env, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
+
+from data import build_datasets  # noqa: E402
+from data.loaders import build_train_loader  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from models import build_model  # noqa: E402
+
+GOAL = 1.0
+
+
+def make_fake_cifar10(root: str, per_batch: int = 1000, seed: int = 0) -> None:
+    """cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} with random uint8 images."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+
+    def batch(n: int) -> dict:
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+
+    for i in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump(batch(per_batch), f)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch(per_batch), f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+
+def config_overrides(name: str, cifar_root: str) -> list[str]:
+    if name == "default":
+        return []
+    return ["data.name=cifar10", f"data.root={cifar_root}", "model.name=cifar_resnet20"]
+
+
+def _trust_cifar_meta() -> None:
+    """Work around data/cifar.py: torchvision's CIFAR._load_meta md5-checks batches.meta on its own (not via the
+    _check_integrity the template overrides), so a hand-made folder fails to load. Reported; in this process only."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    tv_cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+
+
+def loader_vs_model(name: str, overrides: list[str], repeats: int) -> dict:
+    cfg = load_config(str(REPO_ROOT / "configs" / "default.yaml"), overrides)
+    torch.set_num_threads(1)
+    datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, rank=0, world_size=2, pin_memory=False)
+    model = build_model(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images, labels = next(iter(_epoch(loader, 0)))
+    loader_rates, model_rates = [], []
+    steps = min(len(loader), 20)
+    for r in range(repeats):
+        # loader: one epoch of rank 0's shard, first batch excluded
+        it = _epoch(loader, r)
+        next(it)
+        t0, n = time.perf_counter(), 0
+        for imgs, _ in it:
+            n += len(imgs)
+        loader_rates.append(n / (time.perf_counter() - t0))
+        # model: the same number of steps' worth of consumption, on a fixed batch
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model_rates.append(steps * len(images) / (time.perf_counter() - t0))
+    return {"config": name, "workers": cfg.data.num_workers, "batch": cfg.data.batch_size, "model": cfg.model.name,
+            "data": cfg.data.name, "loader": loader_rates, "model_rates": model_rates}
+
+
+def _cifar_loads_unpatched(overrides: list[str]) -> bool:
+    """Whether the template's own CIFAR loader accepts the generated folder (checked in a fresh interpreter)."""
+    code = ("import sys; from data import build_datasets; from engine.config import load_config; "
+            "cfg = load_config('configs/default.yaml', sys.argv[1:]); build_datasets(cfg.data, 10, 0)")
+    proc = subprocess.run([sys.executable, "-c", code, *overrides], cwd=REPO_ROOT, env=child_env(1),
+                          capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+def _epoch(loader, epoch: int):
+    loader.sampler.set_epoch(epoch)
+    return iter(loader)
+
+
+def time_to_first_step(overrides: list[str]) -> tuple[float, float]:
+    """(seconds launch -> banner, seconds launch -> first step's log line) of a torchrun job of 2 ranks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = torchrun_cmd(2, "train_distributed.py", "--config", "configs/default.yaml", f"output_dir={tmp}/run",
+                           "train.epochs=1", "train.tensorboard=false", "train.progress_bar=false",
+                           "train.print_freq=1000", *overrides)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(1), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        banner = first = None
+        try:
+            for line in proc.stdout:
+                now = time.perf_counter() - t0
+                if banner is None and line.startswith("== DDP"):
+                    banner = now
+                if "[1/" in line:
+                    first = now
+                    break
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # the job we started, and only it
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if first is None:
+            raise RuntimeError(f"no first-step line from {' '.join(cmd)}")
+        return banner or float("nan"), first
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", choices=["default", "cifar"], default=["default", "cifar"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--launch-repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(machine_banner("setup   : loader = rank 0 of 2 (its shard), configured workers; model = 1 thread, local BN; "
+                         "launch = torchrun 2 ranks, OMP_NUM_THREADS=1"), flush=True)
+    with tempfile.TemporaryDirectory() as cifar_root:
+        make_fake_cifar10(cifar_root)
+        rows, launch_rows, ok_all = [], [], True
+        for name in args.configs:
+            overrides = config_overrides(name, cifar_root)
+            if name == "cifar":
+                _trust_cifar_meta()
+            res = loader_vs_model(name, overrides, args.repeats)
+            rel = ratio_stat(res["loader"], res["model_rates"])
+            ok = med(rel) >= GOAL
+            ok_all &= ok
+            rows.append([name, f"{res['data']} / {res['model']}", res["batch"], res["workers"],
+                         fmt_stat(res["loader"], 1, 0), fmt_stat(res["model_rates"], 1, 0), fmt_stat(rel, 1, 2),
+                         verdict(ok)])
+            if name == "cifar" and not _cifar_loads_unpatched(overrides):
+                launch_rows.append([name, "not measured: train_distributed.py cannot load a hand-made CIFAR "
+                                          "folder (batches.meta md5 check, see data/cifar.py)", ""])
+            else:
+                times = [time_to_first_step(overrides) for _ in range(args.launch_repeats)]
+                launch_rows.append([name, fmt_stat([t[0] for t in times], 1, 1),
+                                    fmt_stat([t[1] for t in times], 1, 1)])
+            print(f"  {name}: done", flush=True)
+    print_table(["config", "data / model", "batch/rank", "workers", "loader samples/s", "model samples/s (1 rank)",
+                 "loader/model", "goal>=1"], rows, "Loader throughput vs model consumption (median [min-max])")
+    print_table(["config", "launch -> banner s", "launch -> first step done s"], launch_rows,
+                "Time to first training step (torchrun, 2 ranks)")
+    print(f"\ngoal loader >= model consumption: {verdict(ok_all)}")
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Shared helpers for the benchmarks: machine banner, robust statistics, interleaved timing, spawning ranks.
+
+Every figure the benchmarks report is a ratio of quantities measured side by side in one run (interleaved
+round-robin, median over repeats), because the machines they run on are shared and absolute timings drift.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+# --------------------------------------------------------------------------------------------- banner
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def machine_banner(extra: str = "") -> str:
+    """Command, machine, torch, date: the header every result table starts with."""
+    launcher = "torchrun --nproc_per_node=$N" if under_torchrun() else "python"
+    cmd = " ".join([launcher, *(shlex.quote(a) for a in sys.argv)])
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f" | GPU {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+    lines = [
+        f"command : {cmd}",
+        f"machine : {cpu_model()}, {os.cpu_count()} cores{gpu} | python {platform.python_version()}",
+        f"torch   : {torch.__version__}",
+        f"date    : {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+    ]
+    try:
+        import hashlib
+
+        digest = hashlib.sha256((REPO_ROOT / "engine" / "syncbn.py").read_bytes()).hexdigest()[:12]
+        lines.append(f"syncbn  : engine/syncbn.py sha256 {digest} (the file measured; it is still changing)")
+    except OSError:
+        pass
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def fmt_stat(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    """'median [min-max]' of ``values * scale``."""
+    v = [x * scale for x in values]
+    return f"{statistics.median(v):.{digits}f} [{min(v):.{digits}f}-{max(v):.{digits}f}]"
+
+
+def ratio_stat(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-repeat ratios (repeat i of the numerator over repeat i of the denominator: measured side by side)."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:
+    """A GitHub-markdown table (also readable on a terminal); returned as text and printed."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = []
+    if title:
+        out.append(f"\n### {title}\n")
+    out.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    text = "\n".join(out)
+    print(text, flush=True)
+    return text
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    iters: int,
+    device: torch.device,
+    barrier: Callable[[], None] | None = None,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn: ``repeats`` rounds, each timing every fn for ``iters`` calls, round-robin.
+
+    Round-robin keeps a drifting machine from favouring whichever variant ran first; ``barrier`` (a collective)
+    lines the ranks up before each timed block so one rank's lateness is not billed to the next variant.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync_device(device)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        names = list(fns) if r % 2 == 0 else list(reversed(fns))  # ABBA order within the rounds
+        for name in names:
+            if barrier is not None:
+                barrier()
+            sync_device(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[name]()
+            sync_device(device)
+            out[name].append((time.perf_counter() - t0) / iters)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 900.0) -> list[Any]:
+    """``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes (one thread each), as the tests do."""
+    from tests.dist_utils import run_distributed
+
+    return run_distributed(fn, world_size, *args, timeout_s=timeout_s)
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_torchrun(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Process group from torchrun's environment (NCCL on GPUs, gloo otherwise); (rank, world, device)."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and backend in (None, "nccl"):
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group(backend or "gloo")
+    return rank, world, device
+
+
+def child_env(threads: int = 1) -> dict[str, str]:
+    """Environment for a launched job: one thread per process, unbuffered, repo importable, no inherited ranks."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    return env
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]

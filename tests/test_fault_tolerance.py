@@ -1,0 +1,155 @@
+"""Never lose a run: exact resume after SIGKILL, preemption by signal, torchrun restarts, world-size change.
+
+Every test launches the real entry script on 2 gloo processes (synthetic data,
+shuffling and augmentation on) and checks what a user relies on: the exit code,
+the checkpoint on disk, and that the continued run ends where an uninterrupted
+one does, to the bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.preemption import EXIT_PREEMPTED
+from tests.launch_utils import (
+    run_train,
+    run_train_preloaded,
+    start_train,
+    tiny_overrides,
+    wait_job,
+    worker_pids,
+    worker_rank,
+)
+
+pytestmark = pytest.mark.slow
+
+# 256 samples / (16 per process x 2) = 8 steps per epoch, 16 in all; checkpoints at steps 3, 6, 9, 12, 15 and epoch ends
+STEPS = 16
+
+
+def exact_args(output_dir: Path, **extra: object) -> list[str]:
+    """One config for the reference and the interrupted runs: only ``debug.*`` differs."""
+    return tiny_overrides(output_dir, data__num_workers=1, data__augment=True, train__checkpoint_every_steps=3,
+                          train__keep_checkpoints=3, **extra)
+
+
+def load_last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ after resume: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The uninterrupted 2-process run's final checkpoint."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    rc, out, err = run_train(exact_args(run_dir), nproc=2)
+    assert rc == 0, err[-3000:]
+    return load_last(run_dir)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_path: Path) -> None:
+    """SIGKILL of rank 0 at step 11 (epoch 2), resume from the step-9 checkpoint: the same weights, bit for bit."""
+    run_dir = tmp_path / "run"
+    fault = dict(debug__fault_kind="sigkill", debug__fault_rank=0, debug__fault_step=11, debug__fault_once=True)
+    rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2)
+    assert rc != 0, "the killed job reported success"
+    killed = load_last(run_dir)
+    assert (killed["epoch"], killed["step"], killed["train_state"]["epoch_step"]) == (1, 9, 1)
+    assert len(killed["rng"]) == 2 and killed["world_size"] == 2 and killed["global_batch"] == 32
+    on_one_process = tmp_path / "one_process"
+    shutil.copytree(run_dir, on_one_process)
+
+    rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2)  # the same command again
+    assert rc == 0, err[-3000:]
+    assert "resumed from" in out and "step 9" in out
+    final = load_last(run_dir)
+    assert final["step"] == STEPS
+    assert_same_weights(final["model"], reference["model"])
+    assert_same_weights(final["optimizer"]["state"][0], reference["optimizer"]["state"][0])
+
+    # another world size with the same global batch (1 x 32 instead of 2 x 16): allowed, with a warning
+    args = tiny_overrides(on_one_process, data__batch_size=32, train__checkpoint_every_steps=3)
+    rc, out, err = run_train_preloaded(args)
+    assert rc == 0, err[-3000:]
+    assert "resuming a world-size-2 run on 1 processes" in out
+    assert load_last(on_one_process)["step"] == STEPS  # continued at the same sample, not at the epoch start
+
+
+def test_max_restarts_resumes_after_a_crash(reference: dict, tmp_path: Path) -> None:
+    """torchrun --max-restarts=1: rank 1 raises at step 11, all workers restart, resume from step 9, finish exact."""
+    run_dir = tmp_path / "run"
+    fault = dict(debug__fault_kind="raise", debug__fault_rank=1, debug__fault_step=11, debug__fault_once=True)
+    # torchrun shares its rendezvous TCPStore with the workers by default, and restarted gloo workers then read the
+    # dead round's addresses ("Connection refused" in connectFullMesh; pytorch/pytorch#135712): opt out, as users must
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2, env=env, launcher_args=["--max-restarts=1"])
+    assert rc == 0, err[-3000:]
+    assert "injected fault on rank 1 at step 11" in err
+    assert "resumed from" in out
+    final = load_last(run_dir)
+    assert final["step"] == STEPS
+    assert_same_weights(final["model"], reference["model"])
+
+
+def test_sigterm_on_one_rank_preempts_all(tmp_path: Path) -> None:
+    """SIGTERM to rank 1 only: both ranks stop at one step, rank 0 saves, both exit 75; the relaunch finishes."""
+    run_dir = tmp_path / "run"
+    # 1024 samples / 32 = 32 steps in one epoch: the signal lands well inside training
+    args = tiny_overrides(run_dir, data__num_train=1024, train__epochs=1, train__checkpoint_every_steps=4)
+    proc = start_train(args, nproc=2)
+    try:
+        workers = worker_pids(proc.pid, 2)
+        _wait_for(run_dir / "checkpoints" / "last.pt", proc)
+        rank1 = next(pid for pid in workers if worker_rank(pid) == 1)
+        os.kill(rank1, signal.SIGTERM)  # a real signal to one non-zero rank, not an injected fault
+    finally:
+        rc, out, err = wait_job(proc, timeout=90)
+    assert rc != 0
+    assert "stop signal received: checkpoint saved at step" in out, out[-3000:] + err[-3000:]
+    stopped_at = int(out.split("checkpoint saved at step ")[1].split(";")[0])
+    assert 0 < stopped_at < 32
+    # torchrun's report: the first rank out exited 75; it then SIGTERMs any rank still tearing down (-15), never worse
+    codes = [line.split(":")[1].split()[0] for line in err.splitlines() if line.strip().startswith("exitcode")]
+    assert str(EXIT_PREEMPTED) in codes and set(codes) <= {str(EXIT_PREEMPTED), "-15"}, err[-3000:]
+    saved = load_last(run_dir)
+    assert saved["step"] == stopped_at
+
+    rc, out, err = run_train(args, nproc=2)
+    assert rc == 0, err[-3000:]
+    assert f"step {stopped_at}" in out and "resumed from" in out
+    assert load_last(run_dir)["step"] == 32
+
+
+def test_sigusr1_single_process_exits_75(tmp_path: Path) -> None:
+    """SIGUSR1 (SLURM's --signal) to a plain single-process run: checkpoint, exit code 75 for the scheduler."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, data__num_train=2048, train__checkpoint_every_steps=4)
+    proc = start_train(args, nproc=1)
+    try:
+        _wait_for(run_dir / "checkpoints" / "last.pt", proc)
+        proc.send_signal(signal.SIGUSR1)
+    finally:
+        rc, out, err = wait_job(proc, timeout=90)
+    assert rc == EXIT_PREEMPTED, err[-3000:]
+    stopped_at = int(out.split("checkpoint saved at step ")[1].split(";")[0])
+    assert load_last(run_dir)["step"] == stopped_at
+
+
+def _wait_for(path: Path, proc, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"job ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
+        time.sleep(0.05)
