@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             scheduler.load_state_dict(loaded["scheduler"])
             scaler.load_state_dict(loaded["scaler"])
             state.load_state_dict(loaded["train_state"])
-            if not warning:
+            if loaded["world_size"] == ctx.world_size:  # each rank gets back its own RNG streams
                 ckpt.restore_rng_state(loaded["rng"][ctx.rank])
             log.info(f"resumed from {resume_path}: epoch {state.epoch + 1}, step {state.step}")
     if ctx.is_main and not cfg.train.eval_only:

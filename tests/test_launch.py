@@ -92,9 +92,7 @@ def test_legacy_launch_passes_local_rank_dash(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}",
            TRAIN_SCRIPT, "--config", CONFIG, *tiny_overrides(out, train__epochs=1)]
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    (rc, stdout, stderr), = wait_all([proc])
+    ((_, stdout, _),) = wait_all([start(cmd)])
     assert_trained(out, 2, "torchrun", stdout)
 
 
