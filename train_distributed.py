@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         writer.close()
         stop_flags.uninstall()
+    barrier()  # leave together: a rank tearing down its process group while a peer still writes can abort in gloo
     log.info(f"done: best val_acc1 {state.best_acc1:.2f}; checkpoints in {cfg.output_dir}/{ckpt.CHECKPOINT_DIR}")
     return 0
 
