@@ -60,21 +60,8 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
 def _per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The layout to hand back, so channels_last models stay channels_last through the layer."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _all_gather_rows(vec: Tensor, group: Any, world_size: int) -> Tensor:
@@ -138,14 +125,13 @@ def _update_running_stats(
     running_var.mul_(1 - factor).add_(unbiased_var.to(running_var.dtype) * factor)
 
 
-def _normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """(x - mean) * invstd * weight + bias in the statistics dtype; subtracting first keeps large offsets exact."""
-    nd, sd = x.dim(), mean.dtype
-    scale = invstd if weight is None else invstd * weight.to(sd)
-    out = (x.to(sd) - _per_channel(mean, nd)).mul_(_per_channel(scale, nd))
-    if bias is not None:
-        out.add_(_per_channel(bias.to(sd), nd))
-    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+def _affine_of_x(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias per channel, through BatchNorm's own fused inference kernel.
+
+    One pass over ``x`` in its dtype and layout (channels_last stays channels_last), accumulating in the statistics
+    dtype; its precision is that of local BatchNorm on the same device, because it is the same kernel.
+    """
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
 def _global_count(total: Tensor, input: Tensor, world_size: int) -> int:
@@ -164,36 +150,14 @@ def _global_count(total: Tensor, input: Tensor, world_size: int) -> int:
     return count
 
 
-def _fused_backward(
-    ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, var: Tensor
-) -> tuple[Tensor | None, ...]:
-    """The same backward for fp32/fp64 inputs, its local sums from BatchNorm's own fused kernel.
-
-    With the global statistics as "running" stats, ``native_batch_norm_backward(train=False)`` returns in one pass
-    dy * invstd * w, sum(dy * xhat) and sum(dy); only the global-batch correction is added after the all-reduce,
-    subtracting the mean first so large offsets stay exact.
-    """
-    nd = x.dim()
-    need_x, need_w = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
-    grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-        grad_out, x, weight, mean, var, None, None, False, ctx.eps, [need_x, True, True]
-    )
-    sum_dy, sum_dy_xmu = grad_b, grad_w / invstd  # grad_w here is sum(dy * xhat), also without a weight
-    grad_weight = grad_w.to(weight.dtype) if need_w else None
-    grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-    if need_x:
-        sums = torch.cat([sum_dy, sum_dy_xmu])
-        dist.all_reduce(sums, group=ctx.group)
-        mean_dy, mean_dy_xmu = (sums / max(ctx.count, 1)).chunk(2)
-        scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-        correction = (x - _per_channel(mean, nd)).mul_(_per_channel(-scale * invstd * invstd * mean_dy_xmu, nd))
-        grad_x = grad_x.add_(correction.sub_(_per_channel(scale * mean_dy, nd)))
-        grad_x = grad_x.contiguous(memory_format=_memory_format(x))
-    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Global-batch BatchNorm: one all-gather of (2C+1) moments forward, one all-reduce of 2C sums backward."""
+    """Global-batch BatchNorm: one all-gather of (2C+1) moments forward, one all-reduce of 2C sums backward.
+
+    Every full-size pass runs one of BatchNorm's fused kernels, so apart from its two collectives the layer costs
+    what local BatchNorm costs: statistics (one pass) and normalisation (one pass) forward; the local sums (one
+    pass) and dx (two passes) backward. Parameters and statistics are handed to the kernels in the statistics
+    dtype, which is also how BatchNorm runs a bf16/fp16 input with fp32 parameters.
+    """
 
     @staticmethod
     def forward(
@@ -212,13 +176,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         gathered = _all_gather_rows(_local_moments(x, sd), group, world_size)
         total, mean, m2 = _combine_moments(gathered, channels)
         count = _global_count(total, x, world_size)
-        invstd = torch.rsqrt(m2 / max(count, 1) + eps)
+        var = m2 / max(count, 1)
         if count > 1 and running_mean is not None and running_var is not None:
             _update_running_stats(running_mean, running_var, mean, m2 / (count - 1), factor)
-        ctx.save_for_backward(x, weight, mean, invstd, m2 / max(count, 1))
+        weight_sd = None if weight is None else weight.to(sd)
+        ctx.save_for_backward(x, weight_sd, mean, var)
         ctx.group, ctx.count, ctx.eps = group, count, eps
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _normalize(x, mean, invstd, weight, bias)
+        return _affine_of_x(x, mean, var, weight_sd, None if bias is None else bias.to(sd), eps)
 
     @staticmethod
     @once_differentiable
@@ -226,27 +192,28 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # Autograd calls this on an empty rank too (its output is part of the loss graph, with an empty grad), so
         # every rank enters the all-reduce. Whether the input needs a grad is decided by the graph, not the data,
         # so all ranks skip it together when it does not (then only the local parameter grads are needed).
-        x, weight, mean, invstd, var = ctx.saved_tensors
-        nd, sd = x.dim(), mean.dtype
-        if x.dtype == sd and x.numel() > 0:
-            return _fused_backward(ctx, grad_out, x, weight, mean, invstd, var)
-        dy = grad_out.to(sd)
-        xmu = x.to(sd) - _per_channel(mean, nd)
-        dims = _reduce_dims(x)
-        sum_dy = dy.sum(dims)
-        sum_dy_xmu = (dy * xmu).sum(dims)
-        grad_weight = grad_bias = grad_x = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
-        if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_dy, sum_dy_xmu])
+        x, weight, mean, var = ctx.saved_tensors
+        if x.numel() > 0:
+            # with the global statistics as "running" stats, the inference backward's parameter grads are exactly
+            # this rank's sum(dy * xhat) and sum(dy), in one fused pass (also without a weight)
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True]
+            )
+        else:
+            sum_dy_xhat, sum_dy = torch.zeros_like(mean), torch.zeros_like(mean)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        grad_x = None
+        if need_x:
+            sums = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(sums, group=ctx.group)
-            mean_dy, mean_dy_xmu = (sums / max(ctx.count, 1)).chunk(2)
-            scale = invstd if weight is None else invstd * weight.to(sd)
-            grad_x = (dy - _per_channel(mean_dy, nd)).sub_(xmu.mul_(_per_channel(invstd * invstd * mean_dy_xmu, nd)))
-            grad_x = grad_x.mul_(_per_channel(scale, nd)).to(x.dtype).contiguous(memory_format=_memory_format(x))
+            mean_dy, mean_dy_xhat = (sums / max(ctx.count, 1)).chunk(2)
+            scale = torch.rsqrt(var + ctx.eps)
+            scale = scale if weight is None else scale * weight
+            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)): an affine map of x, plus dy * scale
+            grad_x = _affine_of_x(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
+            grad_x = grad_x.addcmul_(grad_out, _per_channel(scale, x.dim()))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
