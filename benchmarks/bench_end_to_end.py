@@ -2,7 +2,8 @@
 
     python benchmarks/bench_end_to_end.py                    # default model, world size 2 (torchrun, gloo), ABAB
     python benchmarks/bench_end_to_end.py --suite resnet18   # SyncBN on/off step-time ratio, torchvision resnet18 64px b16
-    python benchmarks/bench_end_to_end.py --workers0         # also the template with data.num_workers=0 (attribution)
+    python benchmarks/bench_end_to_end.py --workers 1        # the template with data.num_workers=1 (attribution)
+    python benchmarks/bench_end_to_end.py --augment          # also the template with its augmentation on
     python benchmarks/bench_end_to_end.py --gpu-resnet50     # GPU: resnet50 b32, bf16, channels_last/compile on/off,
                                                              #      ours vs torch.nn.SyncBatchNorm (needs 2+ GPUs)
 
@@ -20,7 +21,9 @@ The minimal loop uses the same model (models.build_model), the same synthetic da
 DistributedSampler permutation and batch, SGD with the same lr/momentum/weight decay, the same BatchNorm
 conversion (convert_sync_batchnorm, impl auto) and the same DDP buffer policy; it has no augmentation, no
 DataLoader, no per-step flag all-reduce, no logging, no schedule and no checkpoints: what those cost is the
-template's overhead.
+template's overhead. For the same reason the template runs with ``data.augment=false`` (the minimal loop feeds the
+same tensors unaugmented); ``--augment`` adds the template with augmentation on, whose cost is the input
+pipeline's (bench_input_pipeline.py), not the training loop's.
 """
 
 from __future__ import annotations
@@ -105,14 +108,15 @@ def _run(cmd: list[str], timeout: float = 600) -> str:
     return proc.stdout
 
 
-def run_template(suite: str, syncbn: bool, workers: int, nproc: int) -> float:
+def run_template(suite: str, syncbn: bool, workers: int, nproc: int, augment: bool = False) -> float:
     """Steady-state samples/s of train_distributed.py (median over epochs 2..E of metrics.jsonl)."""
     model, size, batch, num_train, epochs, kwargs = SUITES[suite]
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
             f"output_dir={tmp}/run", f"model.name={model}", f"model.kwargs={kwargs}", f"data.image_size={size}",
             f"data.batch_size={batch}", f"data.num_train={num_train}", f"data.num_val={2 * batch}",
-            f"data.num_workers={workers}", f"train.epochs={epochs}", "train.tensorboard=false",
+            f"data.num_workers={workers}", f"data.augment={'true' if augment else 'false'}",
+            f"train.epochs={epochs}", "train.tensorboard=false",
             "train.progress_bar=false", "train.print_freq=100000", f"syncbn.enabled={'true' if syncbn else 'false'}",
             "train.keep_checkpoints=1",
         ]
@@ -137,8 +141,9 @@ def main() -> int:
     parser.add_argument("--suite", choices=list(SUITES), default="default")
     parser.add_argument("--repeats", type=int, default=2, help="ABAB pairs per SyncBN setting")
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1, help="template data.num_workers (configs/default.yaml: 1)")
+    parser.add_argument("--workers", type=int, default=None, help="template data.num_workers (default: configs/default.yaml's)")
     parser.add_argument("--workers0", action="store_true", help="also time the template with num_workers=0")
+    parser.add_argument("--augment", action="store_true", help="also time the template with its augmentation on")
     parser.add_argument("--gpu-resnet50", action="store_true", help="GPU suite (see bench_end_to_end_gpu)")
     # worker mode (internal: what torchrun runs for the minimal loop)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -159,45 +164,49 @@ def main() -> int:
 
         return gpu_main()
 
+    if args.workers is None:
+        from engine.config import load_config
+
+        args.workers = load_config(str(REPO_ROOT / "configs" / "default.yaml")).data.num_workers
     model, size, batch, num_train, epochs, _ = SUITES[args.suite]
     print(machine_banner(f"setup   : {args.nproc} ranks (torchrun, gloo, OMP_NUM_THREADS=1), model {model} {size}px, "
                          f"batch {batch}/rank, {num_train // (batch * args.nproc)} steps/epoch, {epochs} epochs/run "
                          f"(first dropped), {args.repeats} ABAB pairs per setting, template data.num_workers="
                          f"{args.workers}"), flush=True)
+    # extra template variants, for attribution: (label, num_workers, augment); the goal row is the first
+    variants = [(f"template (num_workers={args.workers})", args.workers, False)]
+    if args.workers0 and args.workers != 0:
+        variants.append(("template (num_workers=0)", 0, False))
+    if args.augment:
+        variants.append((f"template (num_workers={args.workers}, augment)", args.workers, True))
     results: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for syncbn in (False, True):
             tag = "on" if syncbn else "off"
-            order = ["template", "minimal"] if r % 2 == 0 else ["minimal", "template"]
+            order = [*variants, "minimal"] if r % 2 == 0 else ["minimal", *variants]
             for kind in order:
-                if kind == "template":
-                    v = run_template(args.suite, syncbn, args.workers, args.nproc)
+                if kind == "minimal":
+                    label, v = kind, run_minimal(args.suite, syncbn, args.nproc)
                 else:
-                    v = run_minimal(args.suite, syncbn, args.nproc)
-                results.setdefault(f"{kind}_{tag}", []).append(v)
-                print(f"  run {r + 1}/{args.repeats} syncbn {tag:3s} {kind:8s}: {v:8.1f} samples/s", flush=True)
-            if args.workers0:
-                v = run_template(args.suite, syncbn, 0, args.nproc)
-                results.setdefault(f"template0_{tag}", []).append(v)
-                print(f"  run {r + 1}/{args.repeats} syncbn {tag:3s} template (num_workers=0): {v:8.1f} samples/s")
+                    label, v = kind[0], run_template(args.suite, syncbn, kind[1], args.nproc, kind[2])
+                results.setdefault(f"{label}|{tag}", []).append(v)
+                print(f"  run {r + 1}/{args.repeats} syncbn {tag:3s} {label}: {v:8.1f} samples/s", flush=True)
     rows, all_ok = [], True
     for tag in ("off", "on"):
-        rel = ratio_stat(results[f"template_{tag}"], results[f"minimal_{tag}"])
-        ok = med(rel) >= GOAL
-        all_ok &= ok
-        rows.append([f"SyncBN {tag}", f"template (num_workers={args.workers})", fmt_stat(results[f"template_{tag}"], 1, 1),
-                     fmt_stat(results[f"minimal_{tag}"], 1, 1), fmt_stat(rel), verdict(ok)])
-        if args.workers0:
-            rel0 = ratio_stat(results[f"template0_{tag}"], results[f"minimal_{tag}"])
-            rows.append([f"SyncBN {tag}", "template (num_workers=0)", fmt_stat(results[f"template0_{tag}"], 1, 1),
-                         fmt_stat(results[f"minimal_{tag}"], 1, 1), fmt_stat(rel0), verdict(med(rel0) >= GOAL)])
+        minimal = results[f"minimal|{tag}"]
+        for i, (label, _, _) in enumerate(variants):
+            rel = ratio_stat(results[f"{label}|{tag}"], minimal)
+            ok = med(rel) >= GOAL
+            all_ok &= ok or i > 0
+            rows.append([f"SyncBN {tag}", label, fmt_stat(results[f"{label}|{tag}"], 1, 1), fmt_stat(minimal, 1, 1),
+                         fmt_stat(rel), verdict(ok)])
     print_table(["setting", "variant", "template samples/s", "minimal samples/s", "template/minimal", "goal>=0.97"], rows,
                 f"End-to-end throughput, {model}, world size {args.nproc} (median [min-max] over runs)")
     # SyncBN on/off step-time ratio = samples/s off / samples/s on
     step_rows = []
-    for kind in ("minimal", "template"):
-        ratio = ratio_stat(results[f"{kind}_off"], results[f"{kind}_on"])
-        step_rows.append([model, kind, fmt_stat(ratio)])
+    for label in ("minimal", variants[0][0]):
+        ratio = ratio_stat(results[f"{label}|off"], results[f"{label}|on"])
+        step_rows.append([model, label, fmt_stat(ratio)])
     print_table(["model", "loop", "step time SyncBN on / off"], step_rows, "SyncBN cost at the model level")
     print(f"\ngoal template >= {GOAL} x minimal loop: {verdict(all_ok)}")
     return 0 if all_ok else 1

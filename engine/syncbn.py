@@ -196,8 +196,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if x.numel() > 0:
             # with the global statistics as "running" stats, the inference backward's parameter grads are exactly
             # this rank's sum(dy * xhat) and sum(dy), in one fused pass (also without a weight)
+            # (empty save_mean/save_invstd mean "use the running stats"; CUDA asserts they are defined)
+            unused = mean.new_empty(0)
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True]
+                grad_out, x, weight, mean, var, unused, unused, False, ctx.eps, [False, True, True]
             )
         else:
             sum_dy_xhat, sum_dy = torch.zeros_like(mean), torch.zeros_like(mean)
