@@ -197,7 +197,8 @@ def main() -> int:
         for i, (label, _, _) in enumerate(variants):
             rel = ratio_stat(results[f"{label}|{tag}"], minimal)
             ok = med(rel) >= GOAL
-            all_ok &= ok or i > 0
+            if i == 0:  # the goal is judged on the configured template; the other rows only attribute
+                all_ok &= ok
             rows.append([f"SyncBN {tag}", label, fmt_stat(results[f"{label}|{tag}"], 1, 1), fmt_stat(minimal, 1, 1),
                          fmt_stat(rel), verdict(ok)])
     print_table(["setting", "variant", "template samples/s", "minimal samples/s", "template/minimal", "goal>=0.97"], rows,

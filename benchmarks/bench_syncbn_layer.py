@@ -11,7 +11,7 @@ For ResNet-50 BatchNorm shapes (per-process batch 32 at 224px, and batch 2 at a 
   naive  a pure-PyTorch SyncBN as older libraries wrote it: two autograd all_reduces (sum, sum of squares)
   torch  torch.nn.SyncBatchNorm (GPU only: it refuses CPU tensors once a process group exists)
   coll   the bare collectives ours issues: all_gather of 2C+1 floats (forward) + all_reduce of 2C floats (backward)
-  limit  bn with those two collectives where ours issues them: ranks wait for each other twice per step, as in
+  limit  bn with those two collectives, one per pass as ours issues them: ranks wait for each other twice per step, as in
          any SyncBN, so per-step jitter between ranks is paid here too (a floor no implementation can beat)
 and the goal ratio (ours - bn) / coll <= 1.2: what the layer adds on top of local BatchNorm is at most
 20% more than the communication it cannot avoid. (limit - bn) / coll shows how much of that a lockstep floor
@@ -107,8 +107,9 @@ class NaiveSyncBatchNorm(nn.BatchNorm2d):
 def _gather_forms(C: int, device: torch.device, world: int, bn_step_parts: tuple) -> dict:
     """Bare collectives of the sizes SyncBN sends (the form ours uses and the alternatives), and the limit.
 
-    "limit" is local BatchNorm with ours' two collectives in the places ours issues them (after the forward's
-    statistics, after the backward's sums): the cheapest any SyncBN can be, lockstep waits between ranks included.
+    "limit" is local BatchNorm followed by ours' forward collective, then its backward followed by ours' backward
+    collective: one lockstep point per pass, as in ours, so it is the cheapest any SyncBN can be here, the waits
+    between ranks included.
     """
     fwd = torch.randn(2 * C + 1, device=device)
     bwd = torch.randn(2 * C, device=device)
