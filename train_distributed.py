@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
+            train_time = time.perf_counter() - epoch_start
             consistent_bn_buffers()
             metrics = evaluate(raw_model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
             epoch_time = time.perf_counter() - epoch_start
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 "train_loss": state.loss_sum / max(state.loss_count, 1),
                 **metrics,
                 "lr": optimizer.param_groups[0]["lr"],
-                "samples_per_s": samples / epoch_time,
+                "samples_per_s": samples / train_time,  # training throughput; evaluation is in epoch_time_s
+                "train_time_s": train_time,
                 "epoch_time_s": epoch_time,
             }
             is_best = metrics["val_acc1"] > state.best_acc1

@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown cpu"
 
 
+def code_version() -> str:
+    """The commit measured, marked dirty when the working tree differs from it (then the figures are not its)."""
+    try:
+        git = ["git", "-C", str(REPO_ROOT)]
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return sha.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def machine_banner(extra: str = "") -> str:
     """Command, machine, torch, date: the header every result table starts with."""
     launcher = "torchrun --nproc_per_node=$N" if under_torchrun() else "python"
@@ -50,13 +62,7 @@ def machine_banner(extra: str = "") -> str:
         f"torch   : {torch.__version__}",
         f"date    : {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
     ]
-    try:
-        import hashlib
-
-        digest = hashlib.sha256((REPO_ROOT / "engine" / "syncbn.py").read_bytes()).hexdigest()[:12]
-        lines.append(f"syncbn  : engine/syncbn.py sha256 {digest} (the file measured; it is still changing)")
-    except OSError:
-        pass
+    lines.append(f"code    : {code_version()}")
     if extra:
         lines.append(extra)
     return "\n".join(lines)

@@ -57,7 +57,8 @@ def test_single_process_outputs_and_auto_resume(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert set(record) == {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "samples_per_s",
-                               "epoch_time_s"}
+                               "train_time_s", "epoch_time_s"}
+        assert 0 < record["train_time_s"] < record["epoch_time_s"]  # throughput excludes the evaluation
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
 
     for name in ("last.pt", "best.pt"):
