@@ -4,7 +4,8 @@
 
 In 2 spawned gloo ranks (1 thread each), timed round-robin, median over repeats, per optimizer step:
   step        a small_cnn 32px batch-32 DDP training step, SyncBN on (what the overheads are divided by)
-  flags       engine.preemption.StopFlags.sync: one 4-float all_reduce + .tolist() host read
+  flags       engine.preemption.StopFlags.start_sync: one 4-float all_reduce + .tolist() host read, not
+              overlapped here (the trainer overlaps it with the backward)
   loader      next() on the template's train loader (num_workers 0, augmentation off), vs indexing the tensors
   loader_aug  the same with augmentation on (seeded per sample: data/loaders.SeededAugmentation)
   index       the minimal loop's input: a random index into the in-memory tensors
@@ -84,7 +85,7 @@ def measure(rank: int, world: int) -> dict:
         evaluate(raw, val_loader, torch.device("cpu"), "off", False)
         model.train()
 
-    fns = {"step": step, "flags": lambda: flags.sync(loss_sum, 32), "loader": lambda: next(batches),
+    fns = {"step": step, "flags": lambda: flags.start_sync(loss_sum, 32)(), "loader": lambda: next(batches),
            "loader_aug": lambda: next(batches_aug), "index": index, "logger": log, "sched": sched.step,
            "eval/epoch": eval_once}
     times = interleaved_times(fns, repeats=7, iters=10, device=torch.device("cpu"), barrier=dist.barrier)

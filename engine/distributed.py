@@ -200,6 +200,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def start_all_reduce_sum(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start summing ``tensor`` in place over all ranks; the returned function waits and returns it.
+
+    For values known before the work they are needed after (e.g. right after the forward, read after the
+    backward): the collective then runs while the rank computes, instead of adding its latency.
+    """
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if is_initialized() else None
+
+    def wait() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return tensor
+
+    return wait
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every rank (decisions that must agree, e.g. which checkpoint to resume)."""
     if not is_initialized():

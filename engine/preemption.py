@@ -1,6 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 on any rank makes all ranks stop at the same step.
 
-The handler only records the signal; the training loop calls :meth:`StopFlags.sync`
+The handler only records the signal; the training loop calls :meth:`StopFlags.start_sync`
 once per optimizer step, which folds this rank's flags into one tiny all-reduce so
 every rank takes the same decision at the same step (no rank waits in a collective
 the others have left). The same reduction carries "this rank saw a non-finite loss"
@@ -10,11 +10,12 @@ and the step's loss sum and sample count, so every rank knows the global loss.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 import torch
 
-from engine.distributed import all_reduce_sum
+from engine.distributed import start_all_reduce_sum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a checkpoint was saved and a relaunch resumes
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -40,10 +41,13 @@ class StopFlags:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_received = signum
 
-    def sync(self, loss_sum: torch.Tensor, count: int) -> tuple[bool, bool, float, int]:
-        """(stop requested on any rank, non-finite loss on any rank, global loss sum, global count).
+    def start_sync(self, loss_sum: torch.Tensor, count: int) -> Callable[[], tuple[bool, bool, float, int]]:
+        """Start agreeing on this step; the returned function gives (stop requested on any rank, non-finite loss
+        on any rank, global loss sum, global count), identical on every rank.
 
-        One all-reduce and one host read per step; the result is identical on every rank.
+        Everything it reduces is known once the step's forward is done, so the trainer starts it there and reads
+        it after the backward: one small all-reduce that overlaps the backward, and one host read per step, which
+        is what lets a non-finite loss stop every rank before its optimizer step.
         """
         loss_sum = loss_sum.detach().double()
         flags = torch.stack([
@@ -52,5 +56,10 @@ class StopFlags:
             torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
             loss_sum.new_tensor(float(count)),
         ])
-        stop, nonfinite, total, n = all_reduce_sum(flags).tolist()
-        return stop > 0, nonfinite > 0, total, int(n)
+        wait = start_all_reduce_sum(flags)
+
+        def result() -> tuple[bool, bool, float, int]:
+            stop, nonfinite, total, n = wait().tolist()
+            return stop > 0, nonfinite > 0, total, int(n)
+
+        return result

@@ -92,13 +92,15 @@ def train_one_epoch(
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(images), targets, label_smoothing=cfg.label_smoothing)
             loss = faults.corrupt_loss(loss, state.step)
+            loss_sum += loss.detach().float() * len(targets)
+            count += len(targets)
+            # the ranks agree on (stop, non-finite loss, global loss) while the backward runs
+            agreement = stop_flags.start_sync(loss_sum, count) if last_micro_step else None
             scaler.scale(loss / accum).backward()
-        loss_sum += loss.detach().float() * len(targets)
-        count += len(targets)
-        if not last_micro_step:
+        if agreement is None:
             continue
 
-        stop, nonfinite, global_loss, global_count = stop_flags.sync(loss_sum, count)
+        stop, nonfinite, global_loss, global_count = agreement()
         if nonfinite:
             raise NonFiniteLossError(
                 f"loss is NaN or infinite at step {state.step} (epoch {state.epoch + 1}); stopping. "
