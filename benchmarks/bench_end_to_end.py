@@ -1,6 +1,6 @@
 """End-to-end overhead of the template: train_distributed.py against a minimal hand-written DDP loop.
 
-    python benchmarks/bench_end_to_end.py                    # default model, world size 2 (torchrun, gloo), ABAB
+    python benchmarks/bench_end_to_end.py                    # default model, world size 2 (torchrun, gloo), AB/BA
     python benchmarks/bench_end_to_end.py --suite resnet18   # SyncBN on/off step-time ratio, torchvision resnet18 64px b16
     python benchmarks/bench_end_to_end.py --workers 1        # the template with data.num_workers=1 (attribution)
     python benchmarks/bench_end_to_end.py --augment          # also the template with its augmentation on
@@ -10,7 +10,8 @@
 Both sides are launched the same way (torchrun --standalone, OMP_NUM_THREADS=1, fresh process per run) and timed
 the same way: wall time per epoch of ``steps`` optimizer steps, the first epoch dropped (warm-up: allocator,
 persistent loader workers, gloo connections), median over the remaining epochs of the run, then median and
-min-max over runs. Runs alternate template / minimal (ABAB...) so machine drift hits both.
+min-max over runs. Runs alternate template / minimal (AB, BA, AB, ...) in an even number of pairs, so machine drift
+and order hit both sides alike (the first run of a pair measured a few % slower here).
 
 The template's figure is its own ``metrics.jsonl`` ``samples_per_s``: samples of the epoch's optimizer steps over
 ``train_time_s``, from the start of the epoch (sampler set-up and the first batch included) to the end of its last
@@ -139,7 +140,8 @@ def run_minimal(suite: str, syncbn: bool, nproc: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=list(SUITES), default="default")
-    parser.add_argument("--repeats", type=int, default=2, help="ABAB pairs per SyncBN setting")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="pairs per SyncBN setting, half template-first and half minimal-first (odd: rounded up)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None, help="template data.num_workers (default: configs/default.yaml's)")
     parser.add_argument("--workers0", action="store_true", help="also time the template with num_workers=0")
@@ -164,6 +166,8 @@ def main() -> int:
 
         return gpu_main()
 
+    # whichever side runs first in a pair measured a few % slower here, so both orders get the same number of pairs
+    args.repeats += args.repeats % 2
     if args.workers is None:
         from engine.config import load_config
 
@@ -171,7 +175,7 @@ def main() -> int:
     model, size, batch, num_train, epochs, _ = SUITES[args.suite]
     print(machine_banner(f"setup   : {args.nproc} ranks (torchrun, gloo, OMP_NUM_THREADS=1), model {model} {size}px, "
                          f"batch {batch}/rank, {num_train // (batch * args.nproc)} steps/epoch, {epochs} epochs/run "
-                         f"(first dropped), {args.repeats} ABAB pairs per setting, template data.num_workers="
+                         f"(first dropped), {args.repeats} AB/BA pairs per setting, template data.num_workers="
                          f"{args.workers}"), flush=True)
     # extra template variants, for attribution: (label, num_workers, augment); the goal row is the first
     variants = [(f"template (num_workers={args.workers})", args.workers, False)]
