@@ -1,22 +1,31 @@
-"""Where the template's per-step time goes, beyond the model: the pieces the minimal loop does not have.
+"""Where the template's per-step time goes, beyond the model: its training loop against the minimal one, in the
+same processes, and the pieces the minimal loop does not have.
 
-    python benchmarks/bench_template_overheads.py
+    python benchmarks/bench_template_overheads.py [--repeats 16]
 
-In 2 spawned gloo ranks (1 thread each), timed round-robin, median over repeats, per optimizer step:
-  step        a small_cnn 32px batch-32 DDP training step, SyncBN on (what the overheads are divided by)
-  flags       engine.preemption.StopFlags.start_sync: one 4-float all_reduce + .tolist() host read, not
-              overlapped here (the trainer overlaps it with the backward)
-  loader      next() on the template's train loader (num_workers 0, augmentation off), vs indexing the tensors
-  loader_aug  the same with augmentation on (seeded per sample: data/loaders.SeededAugmentation)
+In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on:
+
+epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
+  minimal     the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
+  template    engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
+              optimizer, schedule, disabled GradScaler, metric logger and per-step agreement
+Same model, optimizer and data objects, so launch-to-launch noise (bench_end_to_end.py's largest error) is absent.
+
+pieces (round-robin, per call, divided by a training step of the same model):
+  step        one DDP training step on a fixed batch (the reference)
+  flags       StopFlags.start_sync + its read: one 4-float all_reduce + .tolist(), not overlapped here (the
+              trainer starts it after the forward and reads it after the backward)
+  loader      next() on the template's train loader; loader_aug with augmentation on (seeded per sample)
   index       the minimal loop's input: a random index into the in-memory tensors
   logger      MetricLogger.update + log_every bookkeeping (no printing: print_freq large)
   sched       LambdaLR.step of build_scheduler
   eval/epoch  engine.trainer.evaluate over one batch per rank, divided by the 24 steps of the e2e benchmark's
-              epoch (bench_end_to_end.py charges the template's epoch time with it)
+              epoch (outside the template's samples_per_s, which covers training only)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,40 +38,44 @@ from common import REPO_ROOT, fmt_stat, interleaved_times, machine_banner, print
 STEPS_PER_EPOCH = 24  # bench_end_to_end.py's default suite: 1536 samples / (2 ranks x 32)
 
 
-def measure(rank: int, world: int) -> dict:
+def _endless(loader):
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure(rank: int, world: int, repeats: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from data import build_datasets
     from data.loaders import build_train_loader, build_val_loader
     from engine.config import load_config
+    from engine.faults import FaultInjector
     from engine.logging import MetricLogger
     from engine.optim import build_optimizer, build_scheduler
     from engine.preemption import StopFlags
     from engine.syncbn import convert_sync_batchnorm
-    from engine.trainer import evaluate
+    from engine.trainer import TrainState, evaluate, train_one_epoch
     from models import build_model
 
-    overrides = ["data.num_train=4096", "data.num_val=64", "data.augment=false"]
-    cfg = load_config(str(REPO_ROOT / "configs" / "default.yaml"), overrides)
-    cfg_aug = load_config(str(REPO_ROOT / "configs" / "default.yaml"), overrides[:2] + ["data.augment=true"])
+    overrides = ["data.num_train=4096", "data.num_val=64", "train.print_freq=1000000", "train.progress_bar=false"]
+    cfg = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=false"])
+    cfg_aug = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=true"])
     raw = convert_sync_batchnorm(build_model(cfg.model))
     model = DDP(raw, forward_sync_buffers=False)
     opt = build_optimizer(model, cfg.train, 0.05)
-    sched = build_scheduler(opt, cfg.train, 10**6)
+    sched = build_scheduler(opt, cfg.train, STEPS_PER_EPOCH)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     data, data_aug = build_datasets(cfg.data, 10, 0), build_datasets(cfg_aug.data, 10, 0)
-    x, y = data.train.images[:32], data.train.labels[:32]
-
-    def endless(loader):
-        epoch = 0
-        while True:
-            loader.sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    batches = endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
-    batches_aug = endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
+    images, labels = data.train.images, data.train.labels
+    x, y = images[:32], labels[:32]
+    train_loader = build_train_loader(data.train, cfg.data, 0, rank, world, False)
+    batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
+    batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
-    flags = StopFlags()
+    flags, faults = StopFlags(), FaultInjector(cfg.debug, rank, "")
     loss_sum = torch.zeros(())
     logger = MetricLogger("bench", 10**9, rank == 0, False)
     ticker = iter(logger.log_every(iter(int, 1), 10**9, 32))  # endless: one next() per step
@@ -73,9 +86,24 @@ def measure(rank: int, world: int) -> dict:
         loss.backward()
         opt.step()
 
+    def minimal_epoch():
+        shard = torch.randperm(len(images))[rank::world]
+        for s in range(STEPS_PER_EPOCH):
+            idx = shard[s * 32 : (s + 1) * 32]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        loss.item()
+
+    def template_epoch():
+        train_loader.sampler.set_epoch(0)
+        train_one_epoch(model, train_loader, opt, sched, scaler, TrainState(), cfg.train, STEPS_PER_EPOCH,
+                        torch.device("cpu"), flags, faults, rank == 0, lambda: None)
+
     def index():
-        idx = torch.randint(0, len(data.train), (32,))
-        return data.train.images[idx], data.train.labels[idx]
+        idx = torch.randint(0, len(images), (32,))
+        return images[idx], labels[idx]
 
     def log():
         next(ticker)
@@ -85,21 +113,36 @@ def measure(rank: int, world: int) -> dict:
         evaluate(raw, val_loader, torch.device("cpu"), "off", False)
         model.train()
 
-    fns = {"step": step, "flags": lambda: flags.start_sync(loss_sum, 32)(), "loader": lambda: next(batches),
-           "loader_aug": lambda: next(batches_aug), "index": index, "logger": log, "sched": sched.step,
-           "eval/epoch": eval_once}
-    times = interleaved_times(fns, repeats=7, iters=10, device=torch.device("cpu"), barrier=dist.barrier)
+    epochs = interleaved_times({"minimal": minimal_epoch, "template": template_epoch}, repeats=repeats, iters=1,
+                               device=torch.device("cpu"), barrier=dist.barrier, warmup=1)
+    pieces = {"step": step, "flags": lambda: flags.start_sync(loss_sum, 32)(), "loader": lambda: next(batches),
+              "loader_aug": lambda: next(batches_aug), "index": index, "logger": log, "sched": sched.step,
+              "eval/epoch": eval_once}
+    times = interleaved_times(pieces, repeats=7, iters=10, device=torch.device("cpu"), barrier=dist.barrier)
     times["eval/epoch"] = [t / STEPS_PER_EPOCH for t in times["eval/epoch"]]
-    return times
+    return {"epochs": {k: [t / STEPS_PER_EPOCH for t in v] for k, v in epochs.items()}, "pieces": times}
+
+
+def _slowest_rank(per_rank: list[dict], key: str) -> dict[str, list[float]]:
+    first = per_rank[0][key]
+    return {k: [max(r[key][k][i] for r in per_rank) for i in range(len(first[k]))] for k in first}
 
 
 def main() -> int:
-    per_rank = run_ranks(measure, 2)
-    t = {k: [max(r[k][i] for r in per_rank) for i in range(len(per_rank[0][k]))] for k in per_rank[0]}
-    print(machine_banner("setup   : 2 ranks, gloo, 1 thread each; small_cnn 32px batch 32/rank, SyncBN on; 7 repeats"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=16, help="interleaved epochs of each loop")
+    args = parser.parse_args()
+    per_rank = run_ranks(measure, 2, args.repeats)
+    print(machine_banner(f"setup   : 2 ranks, gloo, 1 thread each; small_cnn 32px batch 32/rank, SyncBN on; "
+                         f"{args.repeats} interleaved epochs of {STEPS_PER_EPOCH} steps per loop; pieces 7 repeats"))
+    epochs = _slowest_rank(per_rank, "epochs")
+    rows = [[k, fmt_stat(v, 1e3, 2), fmt_stat(ratio_stat(epochs["minimal"], v), 1, 3)] for k, v in epochs.items()]
+    print_table(["loop", "ms per step", "minimal / this (throughput ratio)"], rows,
+                "Template loop vs minimal loop, same processes (median [min-max])")
+    t = _slowest_rank(per_rank, "pieces")
     rows = [[k, fmt_stat(v, 1e3, 3), fmt_stat(ratio_stat(v, t["step"]), 100, 2)] for k, v in t.items()]
     print_table(["piece (per optimizer step)", "ms", "% of a training step"], rows,
-                "Template per-step overheads (median [min-max])")
+                "Template per-step pieces (median [min-max])")
     return 0
 
 
