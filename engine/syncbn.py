@@ -219,6 +219,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+@torch.compiler.disable
+def _sync_batch_norm(*args: Any) -> Tensor:
+    """The layer's only graph break under torch.compile, where its collectives and host read are.
+
+    Dynamo cannot trace c10d collectives or the count's host read inside an autograd.Function; stopping it here
+    gives one clean break per layer (the layers between are compiled) instead of failed trace attempts.
+    """
+    return _SyncBatchNormFunction.apply(*args)
+
+
 # --------------------------------------------------------------------------------------------- modules
 
 
@@ -277,9 +287,8 @@ class SyncBatchNorm(_BatchNorm):
         factor = self._count_step()
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
-        return _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
-        )
+        return _sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
+                                world_size)
 
     def _count_step(self) -> float | Tensor:
         """Advance num_batches_tracked like _BatchNorm; the cumulative-average factor stays a tensor (no host read)."""

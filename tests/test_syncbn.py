@@ -426,6 +426,33 @@ def _case_ddp_training_matches_single_process(rank: int, ws: int) -> None:
 
 
 @_dist_case
+def _case_torch_compile(rank: int, ws: int) -> None:
+    """torch.compile: the graph breaks only at the SyncBN layers (their collectives), and trains exactly as eager."""
+    import torch._dynamo
+
+    errs: list[str] = []
+    eager = convert_sync_batchnorm(_small_net(0))
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager")  # dynamo's graphs, without a C++ build
+    layers = sum(isinstance(m, SyncBatchNorm) for m in eager.modules())
+    x, target = _images(7, 3 * ws + 1)
+    mine = _span([3] * (ws - 1) + [4], rank)
+    explained = torch._dynamo.explain(copy.deepcopy(eager))(x[mine])
+    reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    if len(reasons) != layers or not all("disable" in r for r in reasons):
+        errs.append(f"graph breaks: want {layers}, one per SyncBN layer; got {reasons}")
+    torch._dynamo.reset()
+    for step in range(2):
+        outs = [net(x[mine]) for net in (eager, compiled)]
+        for out in outs:
+            F.cross_entropy(out, target[mine]).backward()
+        _close(errs, f"step {step} output", outs[1], outs[0], atol=1e-6)
+    for (name, p), p_eager in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        _close(errs, f"grad {name}", p.grad, p_eager.grad, atol=1e-6)
+    _close(errs, "running buffers", _bn_buffers(compiled), _bn_buffers(eager), atol=1e-6)
+    assert not errs, "\n".join(errs)
+
+
+@_dist_case
 def _case_convert_inside_ddp(rank: int, ws: int) -> None:
     """convert_sync_batchnorm on a model already wrapped in DDP replaces the layers in place, same Parameters."""
     errs: list[str] = []
