@@ -1,9 +1,9 @@
 """Where the template's per-step time goes, beyond the model: its training loop against the minimal one, in the
 same processes, and the pieces the minimal loop does not have.
 
-    python benchmarks/bench_template_overheads.py [--repeats 16]
+    python benchmarks/bench_template_overheads.py [--repeats 16] [--syncbn off]
 
-In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on:
+In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on (or off):
 
 epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
   minimal     the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
@@ -46,7 +46,7 @@ def _endless(loader):
         epoch += 1
 
 
-def measure(rank: int, world: int, repeats: int) -> dict:
+def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from data import build_datasets
@@ -63,8 +63,8 @@ def measure(rank: int, world: int, repeats: int) -> dict:
     overrides = ["data.num_train=4096", "data.num_val=64", "train.print_freq=1000000", "train.progress_bar=false"]
     cfg = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=false"])
     cfg_aug = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=true"])
-    raw = convert_sync_batchnorm(build_model(cfg.model))
-    model = DDP(raw, forward_sync_buffers=False)
+    raw = convert_sync_batchnorm(build_model(cfg.model)) if syncbn else build_model(cfg.model)
+    model = DDP(raw, forward_sync_buffers=not syncbn)  # the template's buffer policy
     opt = build_optimizer(model, cfg.train, 0.05)
     sched = build_scheduler(opt, cfg.train, STEPS_PER_EPOCH)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -131,9 +131,10 @@ def _slowest_rank(per_rank: list[dict], key: str) -> dict[str, list[float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=16, help="interleaved epochs of each loop")
+    parser.add_argument("--syncbn", choices=["on", "off"], default="on")
     args = parser.parse_args()
-    per_rank = run_ranks(measure, 2, args.repeats)
-    print(machine_banner(f"setup   : 2 ranks, gloo, 1 thread each; small_cnn 32px batch 32/rank, SyncBN on; "
+    per_rank = run_ranks(measure, 2, args.repeats, args.syncbn == "on")
+    print(machine_banner(f"setup   : 2 ranks, gloo, 1 thread each; small_cnn 32px batch 32/rank, SyncBN {args.syncbn}; "
                          f"{args.repeats} interleaved epochs of {STEPS_PER_EPOCH} steps per loop; pieces 7 repeats"))
     epochs = _slowest_rank(per_rank, "epochs")
     rows = [[k, fmt_stat(v, 1e3, 2), fmt_stat(ratio_stat(epochs["minimal"], v), 1, 3)] for k, v in epochs.items()]
