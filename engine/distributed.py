@@ -203,8 +203,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def start_all_reduce_sum(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start summing ``tensor`` in place over all ranks; the returned function waits and returns it.
 
-    For values known before the work they are needed after (e.g. right after the forward, read after the
-    backward): the collective then runs while the rank computes, instead of adding its latency.
+    For values known well before they are needed (computed after the forward, read after the backward): the
+    collective then overlaps the work in between instead of adding its latency.
     """
     work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if is_initialized() else None
 
