@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"epoch {record['epoch']}/{cfg.train.epochs}  train_loss {record['train_loss']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  val_acc1 {metrics['val_acc1']:.2f}  "
                 f"val_acc5 {metrics['val_acc5']:.2f}  lr {record['lr']:.4g}  "
-                f"{record['samples_per_s']:.0f} samples/s  epoch {epoch_time:.1f}s  eta {eta:.0f}s"
+                f"{record['samples_per_s']:.0f} samples/s (all processes)  epoch {epoch_time:.1f}s  eta {eta:.0f}s"
             )
     finally:
         writer.close()

@@ -103,12 +103,12 @@ class MetricLogger:
                 continue
             rate = batch_size / max(iter_time.avg, 1e-9)
             if bar is not None:
-                bar.set_postfix_str(f"{self}  {rate:.0f} samples/s", refresh=False)
+                bar.set_postfix_str(f"{self}  {rate:.0f} samples/s/process", refresh=False)
                 bar.update(1)
             elif i % self.print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 get_logger().info(
-                    f"{self.header} [{i + 1}/{total}]  eta {eta}  {self}  {rate:.0f} samples/s  "
+                    f"{self.header} [{i + 1}/{total}]  eta {eta}  {self}  {rate:.0f} samples/s/process  "
                     f"time {iter_time}  data {data_time}{_max_memory()}"
                 )
         if bar is not None:
