@@ -11,8 +11,8 @@ For ResNet-50 BatchNorm shapes (per-process batch 32 at 224px, and batch 2 at a 
   naive  a pure-PyTorch SyncBN as older libraries wrote it: two autograd all_reduces (sum, sum of squares)
   torch  torch.nn.SyncBatchNorm (GPU only: it refuses CPU tensors once a process group exists)
   coll   the bare collectives ours issues: all_gather of 2C+1 floats (forward) + all_reduce of 2C floats (backward)
-  limit  bn with those two collectives, one per pass as ours issues them: ranks wait for each other twice per step, as in
-         any SyncBN, so per-step jitter between ranks is paid here too (a floor no implementation can beat)
+  limit  bn followed by the forward collective, its backward followed by the backward collective: ranks wait for
+         each other twice per step, as in any SyncBN, so jitter between ranks is paid here too (the lockstep floor)
 and the goal ratio (ours - bn) / coll <= 1.2: what the layer adds on top of local BatchNorm is at most
 20% more than the communication it cannot avoid. (limit - bn) / coll shows how much of that a lockstep floor
 already exceeds on this machine, and ours / limit how far ours is from that floor. Alternative collective forms
