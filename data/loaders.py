@@ -61,15 +61,22 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
-        sample_seed = hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF  # tuple-of-int hash is stable
-        # only the CPU generator: torch.manual_seed would also seed every CUDA generator (~200x slower per sample)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """The DataLoader fetches a whole batch here: one RNG fork per batch, one seed per sample."""
         if get_worker_info() is not None:  # a worker process owns its RNG
-            torch.default_generator.manual_seed(sample_seed)
-            return self.dataset[index]
+            return self._seeded_samples(keys)
         with torch.random.fork_rng(devices=[]):  # main process: leave the training RNG untouched
-            torch.default_generator.manual_seed(sample_seed)
-            return self.dataset[index]
+            return self._seeded_samples(keys)
+
+    def _seeded_samples(self, keys: list[tuple[int, int]]) -> list:
+        samples = []
+        for index, epoch in keys:
+            # only the CPU generator: torch.manual_seed would also seed every CUDA generator (~200x slower)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            samples.append(self.dataset[index])  # (a tuple-of-int hash is stable across processes and runs)
+        return samples
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -1,0 +1,59 @@
+"""The train loader's promises: augmentation is a pure function of (seed, epoch, sample), the samples of a global
+step do not depend on the world size, a resume skips exactly the samples already seen, and loading in the main
+process leaves the training RNG alone."""
+
+from __future__ import annotations
+
+import torch
+
+from data import build_datasets
+from data.loaders import build_train_loader
+from engine.config import DataConfig
+
+SEED = 3
+
+
+def _augmented_train_set(num_train: int = 48):
+    cfg = DataConfig(name="synthetic", image_size=8, num_train=num_train, num_val=8, augment=True)
+    return build_datasets(cfg, 4, SEED).train
+
+
+def _batches(dataset, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0, epoch: int = 1,
+             start_index: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = DataConfig(name="synthetic", batch_size=batch_size, num_workers=workers, drop_last=True)
+    loader = build_train_loader(dataset, cfg, SEED, rank, world, pin_memory=False)
+    loader.sampler.set_epoch(epoch, start_index)
+    return list(loader)
+
+
+def test_augmentation_depends_on_the_sample_not_on_workers_and_leaves_the_training_rng_alone():
+    dataset = _augmented_train_set()
+    torch.manual_seed(0)
+    rng_before = torch.get_rng_state()
+    in_main = _batches(dataset, 8, workers=0)
+    assert torch.equal(torch.get_rng_state(), rng_before), "loading in the main process moved the training RNG"
+    in_workers = _batches(dataset, 8, workers=2)
+    assert len(in_main) == len(in_workers) == 6
+    for (x0, y0), (x2, y2) in zip(in_main, in_workers):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    # augmentation is really on and really per epoch: another epoch gives other images
+    other_epoch = _batches(dataset, 8, workers=0, epoch=2)
+    assert not torch.equal(torch.cat([x for x, _ in in_main]).sort(0).values,
+                           torch.cat([x for x, _ in other_epoch]).sort(0).values)
+
+
+def _rows(batch: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in batch.flatten(1)}
+
+
+def test_a_global_step_holds_the_same_augmented_samples_at_any_world_size_and_after_a_resume():
+    dataset = _augmented_train_set()
+    one_process = _batches(dataset, 8)
+    two_ranks = [_batches(dataset, 4, rank=r, world=2) for r in range(2)]
+    for step, (x, _) in enumerate(one_process):
+        assert _rows(x) == _rows(two_ranks[0][step][0]) | _rows(two_ranks[1][step][0]), f"step {step} differs"
+    resumed = [_batches(dataset, 4, rank=r, world=2, start_index=2 * 4) for r in range(2)]  # 2 steps done
+    for r in range(2):
+        assert len(resumed[r]) == len(two_ranks[r]) - 2
+        for (x, y), (x_ref, y_ref) in zip(resumed[r], two_ranks[r][2:]):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
