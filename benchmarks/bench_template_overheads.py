@@ -10,6 +10,9 @@ epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer
   template    engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
               optimizer, schedule, disabled GradScaler, metric logger and per-step agreement
 Same model, optimizer and data objects, so launch-to-launch noise (bench_end_to_end.py's largest error) is absent.
+Each loop also reports the minor page faults per step of each rank: on CPU, glibc malloc hands large freed blocks
+back to the kernel and faults them in again on the next step, a cost that depends on the order of allocations, not
+on the work (see BENCHMARKS.md; run with the MALLOC_* settings given there to take it out of the comparison).
 
 pieces (round-robin, per call, divided by a training step of the same model):
   step        one DDP training step on a fixed batch (the reference)
@@ -26,6 +29,7 @@ pieces (round-robin, per call, divided by a training step of the same model):
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 from pathlib import Path
 
@@ -33,7 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import REPO_ROOT, fmt_stat, interleaved_times, machine_banner, print_table, ratio_stat, run_ranks  # noqa: E402
+from common import (  # noqa: E402
+    REPO_ROOT,
+    fmt_stat,
+    interleaved_times,
+    machine_banner,
+    med,
+    print_table,
+    ratio_stat,
+    run_ranks,
+)
 
 STEPS_PER_EPOCH = 24  # bench_end_to_end.py's default suite: 1536 samples / (2 ranks x 32)
 
@@ -44,6 +57,19 @@ def _endless(loader):
         loader.sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _counting_faults(fn, counts: list[int]):
+    def run():
+        before = _minor_faults()
+        fn()
+        counts.append(_minor_faults() - before)
+
+    return run
 
 
 def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
@@ -113,14 +139,18 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
         evaluate(raw, val_loader, torch.device("cpu"), "off", False)
         model.train()
 
-    epochs = interleaved_times({"minimal": minimal_epoch, "template": template_epoch}, repeats=repeats, iters=1,
-                               device=torch.device("cpu"), barrier=dist.barrier, warmup=1)
+    page_faults = {"minimal": [], "template": []}
+    loops = {"minimal": _counting_faults(minimal_epoch, page_faults["minimal"]),
+             "template": _counting_faults(template_epoch, page_faults["template"])}
+    epochs = interleaved_times(loops, repeats=repeats, iters=1, device=torch.device("cpu"), barrier=dist.barrier,
+                               warmup=1)
     pieces = {"step": step, "flags": lambda: flags.start_sync(loss_sum, 32)(), "loader": lambda: next(batches),
               "loader_aug": lambda: next(batches_aug), "index": index, "logger": log, "sched": sched.step,
               "eval/epoch": eval_once}
     times = interleaved_times(pieces, repeats=7, iters=10, device=torch.device("cpu"), barrier=dist.barrier)
     times["eval/epoch"] = [t / STEPS_PER_EPOCH for t in times["eval/epoch"]]
-    return {"epochs": {k: [t / STEPS_PER_EPOCH for t in v] for k, v in epochs.items()}, "pieces": times}
+    return {"epochs": {k: [t / STEPS_PER_EPOCH for t in v] for k, v in epochs.items()}, "pieces": times,
+            "page_faults": {k: [n / STEPS_PER_EPOCH for n in v[-repeats:]] for k, v in page_faults.items()}}
 
 
 def _slowest_rank(per_rank: list[dict], key: str) -> dict[str, list[float]]:
@@ -137,8 +167,9 @@ def main() -> int:
     print(machine_banner(f"setup   : 2 ranks, gloo, 1 thread each; small_cnn 32px batch 32/rank, SyncBN {args.syncbn}; "
                          f"{args.repeats} interleaved epochs of {STEPS_PER_EPOCH} steps per loop; pieces 7 repeats"))
     epochs = _slowest_rank(per_rank, "epochs")
-    rows = [[k, fmt_stat(v, 1e3, 2), fmt_stat(ratio_stat(epochs["minimal"], v), 1, 3)] for k, v in epochs.items()]
-    print_table(["loop", "ms per step", "minimal / this (throughput ratio)"], rows,
+    rows = [[k, fmt_stat(v, 1e3, 2), fmt_stat(ratio_stat(epochs["minimal"], v), 1, 3),
+             " / ".join(f"{med(r['page_faults'][k]):.0f}" for r in per_rank)] for k, v in epochs.items()]
+    print_table(["loop", "ms per step", "minimal / this (throughput ratio)", "page faults per step (rank 0 / 1)"], rows,
                 "Template loop vs minimal loop, same processes (median [min-max])")
     t = _slowest_rank(per_rank, "pieces")
     rows = [[k, fmt_stat(v, 1e3, 3), fmt_stat(ratio_stat(v, t["step"]), 100, 2)] for k, v in t.items()]

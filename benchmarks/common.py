@@ -63,6 +63,9 @@ def machine_banner(extra: str = "") -> str:
         f"date    : {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
     ]
     lines.append(f"code    : {code_version()}")
+    malloc = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    if malloc:  # glibc allocator settings change CPU step times (page faults): say when they were set
+        lines.append(f"malloc  : {' '.join(malloc)}")
     if extra:
         lines.append(extra)
     return "\n".join(lines)
