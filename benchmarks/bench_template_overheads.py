@@ -1,14 +1,15 @@
 """Where the template's per-step time goes, beyond the model: its training loop against the minimal one, in the
 same processes, and the pieces the minimal loop does not have.
 
-    python benchmarks/bench_template_overheads.py [--repeats 16] [--syncbn off]
+    python benchmarks/bench_template_overheads.py [--repeats 24] [--syncbn off]
 
 In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on (or off):
 
 epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
-  minimal     the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
-  template    engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
-              optimizer, schedule, disabled GradScaler, metric logger and per-step agreement
+  minimal        the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
+  template       engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
+                 optimizer, schedule, disabled GradScaler, metric logger and per-step agreement
+  minimal again  the minimal loop a second time, an A/A control: how far the ratio strays with no difference at all
 Same model, optimizer and data objects, so launch-to-launch noise (bench_end_to_end.py's largest error) is absent.
 Each loop also reports the minor page faults per step of each rank: on CPU, glibc malloc hands large freed blocks
 back to the kernel and faults them in again on the next step, a cost that depends on the order of allocations, not
@@ -139,9 +140,10 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
         evaluate(raw, val_loader, torch.device("cpu"), "off", False)
         model.train()
 
-    page_faults = {"minimal": [], "template": []}
-    loops = {"minimal": _counting_faults(minimal_epoch, page_faults["minimal"]),
-             "template": _counting_faults(template_epoch, page_faults["template"])}
+    # order within a round: minimal, template, minimal again (reversed every other round)
+    loop_fns = {"minimal": minimal_epoch, "template": template_epoch, "minimal again": minimal_epoch}
+    page_faults = {name: [] for name in loop_fns}
+    loops = {name: _counting_faults(fn, page_faults[name]) for name, fn in loop_fns.items()}
     epochs = interleaved_times(loops, repeats=repeats, iters=1, device=torch.device("cpu"), barrier=dist.barrier,
                                warmup=1)
     pieces = {"step": step, "flags": lambda: flags.start_sync(loss_sum, 32)(), "loader": lambda: next(batches),
@@ -160,7 +162,7 @@ def _slowest_rank(per_rank: list[dict], key: str) -> dict[str, list[float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=16, help="interleaved epochs of each loop")
+    parser.add_argument("--repeats", type=int, default=24, help="interleaved epochs of each loop")
     parser.add_argument("--syncbn", choices=["on", "off"], default="on")
     args = parser.parse_args()
     per_rank = run_ranks(measure, 2, args.repeats, args.syncbn == "on")
