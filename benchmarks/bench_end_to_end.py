@@ -4,6 +4,7 @@
     python benchmarks/bench_end_to_end.py --suite resnet18   # SyncBN on/off step-time ratio, torchvision resnet18 64px b16
     python benchmarks/bench_end_to_end.py --workers 1        # the template with data.num_workers=1 (attribution)
     python benchmarks/bench_end_to_end.py --augment          # also the template with its augmentation on
+    python benchmarks/bench_end_to_end.py --malloc-tuned     # also the template with glibc malloc keeping its memory
     python benchmarks/bench_end_to_end.py --gpu-resnet50     # GPU: resnet50 b32, bf16, channels_last/compile on/off,
                                                              #      ours vs torch.nn.SyncBatchNorm (needs 2+ GPUs)
 
@@ -24,7 +25,10 @@ conversion (convert_sync_batchnorm, impl auto) and the same DDP buffer policy; i
 DataLoader, no per-step flag all-reduce, no logging, no schedule and no checkpoints: what those cost is the
 template's overhead. For the same reason the template runs with ``data.augment=false`` (the minimal loop feeds the
 same tensors unaugmented); ``--augment`` adds the template with augmentation on, whose cost is the input
-pipeline's (bench_input_pipeline.py), not the training loop's.
+pipeline's (bench_input_pipeline.py), not the training loop's. ``--malloc-tuned`` adds the template with
+MALLOC_TUNED set: glibc then keeps freed memory instead of handing it back to the kernel and faulting it in again
+on the next step (minor page faults, a cost that depends on a process's allocation history; see BENCHMARKS.md).
+Setting those variables for the whole benchmark applies them to both sides.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, child_env, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
 
 GOAL = 0.97
+# glibc: never return freed memory to the kernel (no mmap for large blocks, no heap trimming)
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                "MALLOC_TOP_PAD_": "268435456"}
 SUITES = {
     # name: (model, image_size, batch, num_train, epochs, model kwargs)
     "default": ("small_cnn", 32, 32, 1536, 5, "{}"),
@@ -102,14 +109,16 @@ def minimal_worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- launching
 
 
-def _run(cmd: list[str], timeout: float = 600) -> str:
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: float = 600, extra_env: dict[str, str] | None = None) -> str:
+    env = {**child_env(1), **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 
-def run_template(suite: str, syncbn: bool, workers: int, nproc: int, augment: bool = False) -> float:
+def run_template(suite: str, syncbn: bool, workers: int, nproc: int, augment: bool = False,
+                 extra_env: dict[str, str] | None = None) -> float:
     """Steady-state samples/s of train_distributed.py (median over epochs 2..E of metrics.jsonl)."""
     model, size, batch, num_train, epochs, kwargs = SUITES[suite]
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +130,8 @@ def run_template(suite: str, syncbn: bool, workers: int, nproc: int, augment: bo
             "train.progress_bar=false", "train.print_freq=100000", f"syncbn.enabled={'true' if syncbn else 'false'}",
             "train.keep_checkpoints=1",
         ]
-        _run(torchrun_cmd(nproc, "train_distributed.py", "--config", "configs/default.yaml", *overrides))
+        _run(torchrun_cmd(nproc, "train_distributed.py", "--config", "configs/default.yaml", *overrides),
+             extra_env=extra_env)
         with open(f"{tmp}/run/metrics.jsonl", encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
     return med([r["samples_per_s"] for r in records[1:]])
@@ -146,6 +156,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="template data.num_workers (default: configs/default.yaml's)")
     parser.add_argument("--workers0", action="store_true", help="also time the template with num_workers=0")
     parser.add_argument("--augment", action="store_true", help="also time the template with its augmentation on")
+    parser.add_argument("--malloc-tuned", action="store_true",
+                        help="also time the template with glibc malloc keeping freed memory (MALLOC_TUNED)")
     parser.add_argument("--gpu-resnet50", action="store_true", help="GPU suite (see bench_end_to_end_gpu)")
     # worker mode (internal: what torchrun runs for the minimal loop)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -177,12 +189,14 @@ def main() -> int:
                          f"batch {batch}/rank, {num_train // (batch * args.nproc)} steps/epoch, {epochs} epochs/run "
                          f"(first dropped), {args.repeats} AB/BA pairs per setting, template data.num_workers="
                          f"{args.workers}"), flush=True)
-    # extra template variants, for attribution: (label, num_workers, augment); the goal row is the first
-    variants = [(f"template (num_workers={args.workers})", args.workers, False)]
+    # extra template variants, for attribution: (label, num_workers, augment, env); the goal row is the first
+    variants = [(f"template (num_workers={args.workers})", args.workers, False, None)]
     if args.workers0 and args.workers != 0:
-        variants.append(("template (num_workers=0)", 0, False))
+        variants.append(("template (num_workers=0)", 0, False, None))
     if args.augment:
-        variants.append((f"template (num_workers={args.workers}, augment)", args.workers, True))
+        variants.append((f"template (num_workers={args.workers}, augment)", args.workers, True, None))
+    if args.malloc_tuned:
+        variants.append((f"template (num_workers={args.workers}, malloc tuned)", args.workers, False, MALLOC_TUNED))
     results: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for syncbn in (False, True):
@@ -192,13 +206,13 @@ def main() -> int:
                 if kind == "minimal":
                     label, v = kind, run_minimal(args.suite, syncbn, args.nproc)
                 else:
-                    label, v = kind[0], run_template(args.suite, syncbn, kind[1], args.nproc, kind[2])
+                    label, v = kind[0], run_template(args.suite, syncbn, kind[1], args.nproc, kind[2], kind[3])
                 results.setdefault(f"{label}|{tag}", []).append(v)
                 print(f"  run {r + 1}/{args.repeats} syncbn {tag:3s} {label}: {v:8.1f} samples/s", flush=True)
     rows, all_ok = [], True
     for tag in ("off", "on"):
         minimal = results[f"minimal|{tag}"]
-        for i, (label, _, _) in enumerate(variants):
+        for i, (label, *_) in enumerate(variants):
             rel = ratio_stat(results[f"{label}|{tag}"], minimal)
             ok = med(rel) >= GOAL
             if i == 0:  # the goal is judged on the configured template; the other rows only attribute
