@@ -12,8 +12,8 @@ epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer
   minimal again  the minimal loop a second time, an A/A control: how far the ratio strays with no difference at all
 Same model, optimizer and data objects, so launch-to-launch noise (bench_end_to_end.py's largest error) is absent.
 Each loop also reports the minor page faults per step of each rank: on CPU, glibc malloc hands large freed blocks
-back to the kernel and faults them in again on the next step, a cost that depends on the order of allocations, not
-on the work (see BENCHMARKS.md; run with the MALLOC_* settings given there to take it out of the comparison).
+back to the kernel and faults them in again on the next step, a cost that depends on the allocation history, not
+on the work. Setting bench_end_to_end.MALLOC_TUNED in the environment takes them to 0 (the banner then shows it).
 
 pieces (round-robin, per call, divided by a training step of the same model):
   step        one DDP training step on a fixed batch (the reference)
