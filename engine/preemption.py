@@ -3,12 +3,13 @@
 The handler only records the signal; the training loop calls :meth:`StopFlags.start_sync`
 once per optimizer step, which folds this rank's flags into one tiny all-reduce so
 every rank takes the same decision at the same step (no rank waits in a collective
-the others have left). The same reduction carries "this rank saw a non-finite loss"
-and the step's loss sum and sample count, so every rank knows the global loss.
+the others have left). The same reduction carries the step's loss sum and sample count,
+so every rank knows the global loss, and whether any rank's loss was NaN or infinite.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -47,19 +48,15 @@ class StopFlags:
 
         Everything it reduces is known once the step's forward is done, so the trainer starts it there and reads
         it after the backward: one small all-reduce that overlaps the backward, and one host read per step, which
-        is what lets a non-finite loss stop every rank before its optimizer step.
+        is what lets a non-finite loss stop every rank before its optimizer step. No separate flag is needed for
+        that: a NaN or infinite loss on any rank makes the global sum NaN or infinite.
         """
-        loss_sum = loss_sum.detach().double()
-        flags = torch.stack([
-            loss_sum.new_tensor(float(self.signal_received != 0)),
-            (~torch.isfinite(loss_sum)).double(),
-            torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0),
-            loss_sum.new_tensor(float(count)),
-        ])
+        flags = loss_sum.new_tensor([float(self.signal_received != 0), 0.0, float(count)], dtype=torch.float64)
+        flags[1] = loss_sum.detach()
         wait = start_all_reduce_sum(flags)
 
         def result() -> tuple[bool, bool, float, int]:
-            stop, nonfinite, total, n = wait().tolist()
-            return stop > 0, nonfinite > 0, total, int(n)
+            stop, total, n = wait().tolist()
+            return stop > 0, not math.isfinite(total), total, int(n)
 
         return result

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.preemption import EXIT_PREEMPTED
+from engine.preemption import EXIT_PREEMPTED, StopFlags
+from tests.dist_utils import run_distributed
 from tests.launch_utils import (
     run_train,
     run_train_preloaded,
@@ -153,3 +154,26 @@ def _wait_for(path: Path, proc, timeout: float = 60.0) -> None:
         assert proc.poll() is None, f"job ended early with {proc.returncode}"
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
         time.sleep(0.05)
+
+
+# per step, each rank's loss sum; rank 2 also receives a stop signal before step 1
+AGREEMENT_LOSSES = [[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0], [float("nan"), 2.0, 3.0],
+                    [1.0, float("inf"), float("-inf")]]
+
+
+def _agreement_worker(rank: int, world_size: int) -> list[tuple[bool, bool, float, int]]:
+    flags, out = StopFlags(), []
+    for step, losses in enumerate(AGREEMENT_LOSSES):
+        if rank == 2 and step == 1:
+            flags.signal_received = signal.SIGTERM
+        out.append(flags.start_sync(torch.tensor(losses[rank]), 10 + rank)())
+    return out
+
+
+def test_every_rank_agrees_on_stop_and_non_finite_loss_whichever_rank_saw_it() -> None:
+    per_rank = run_distributed(_agreement_worker, 3)
+    assert repr(per_rank[0]) == repr(per_rank[1]) == repr(per_rank[2])  # repr: NaN != NaN
+    results = per_rank[0]
+    assert results[0] == (False, False, 6.0, 33)
+    assert [r[:2] for r in results[1:]] == [(True, True)] * 3  # inf, NaN, and inf + -inf on different ranks
+    assert all(r[3] == 33 for r in results)
