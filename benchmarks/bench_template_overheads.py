@@ -1,14 +1,18 @@
 """Where the template's per-step time goes, beyond the model: its training loop against the minimal one, in the
 same processes, and the pieces the minimal loop does not have.
 
-    python benchmarks/bench_template_overheads.py [--repeats 24] [--syncbn off]
+    python benchmarks/bench_template_overheads.py [--repeats 24] [--syncbn off] [--model linear]
 
-In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on (or off):
+In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on (or off); with
+``--model linear`` the model is one Linear layer on the flattened image (no BatchNorm), so a step costs ~1 ms and
+the extra milliseconds per step are the loop's own cost, with nothing to hide behind:
 
 epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
   minimal        the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
   template       engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
                  optimizer, schedule, disabled GradScaler, metric logger and per-step agreement
+  no agreement   the template loop with its per-step agreement (one small all-reduce) replaced by a local stand-in:
+                 what that collective costs per step
   minimal again  the minimal loop a second time, an A/A control: how far the ratio strays with no difference at all
 Same model, optimizer and data objects, so launch-to-launch noise (bench_end_to_end.py's largest error) is absent.
 Each loop also reports the minor page faults per step of each rank: on CPU, glibc malloc hands large freed blocks
@@ -17,7 +21,7 @@ on the work. Setting bench_end_to_end.MALLOC_TUNED in the environment takes them
 
 pieces (round-robin, per call, divided by a training step of the same model):
   step        one DDP training step on a fixed batch (the reference)
-  flags       StopFlags.start_sync + its read: one 4-float all_reduce + .tolist(), not overlapped here (the
+  flags       StopFlags.start_sync + its read: one 3-float all_reduce + .tolist(), not overlapped here (the
               trainer starts it after the forward and reads it after the backward)
   loader      next() on the template's train loader; loader_aug with augmentation on (seeded per sample)
   index       the minimal loop's input: a random index into the in-memory tensors
@@ -73,7 +77,14 @@ def _counting_faults(fn, counts: list[int]):
     return run
 
 
-def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
+class _LocalFlags:
+    """StopFlags.start_sync's interface without its all-reduce (and without agreement: a measurement stand-in)."""
+
+    def start_sync(self, loss_sum: torch.Tensor, count: int):
+        return lambda: (False, False, float(loss_sum), count)
+
+
+def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from data import build_datasets
@@ -90,7 +101,10 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
     overrides = ["data.num_train=4096", "data.num_val=64", "train.print_freq=1000000", "train.progress_bar=false"]
     cfg = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=false"])
     cfg_aug = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=true"])
-    raw = convert_sync_batchnorm(build_model(cfg.model)) if syncbn else build_model(cfg.model)
+    if model_name == "linear":
+        raw = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    else:
+        raw = convert_sync_batchnorm(build_model(cfg.model)) if syncbn else build_model(cfg.model)
     model = DDP(raw, forward_sync_buffers=not syncbn)  # the template's buffer policy
     opt = build_optimizer(model, cfg.train, 0.05)
     sched = build_scheduler(opt, cfg.train, STEPS_PER_EPOCH)
@@ -123,10 +137,13 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
             opt.step()
         loss.item()
 
-    def template_epoch():
+    def template_epoch(stop_flags: StopFlags = flags):
         train_loader.sampler.set_epoch(0)
         train_one_epoch(model, train_loader, opt, sched, scaler, TrainState(), cfg.train, STEPS_PER_EPOCH,
-                        torch.device("cpu"), flags, faults, rank == 0, lambda: None)
+                        torch.device("cpu"), stop_flags, faults, rank == 0, lambda: None)
+
+    def template_epoch_local_flags():
+        template_epoch(_LocalFlags())
 
     def index():
         idx = torch.randint(0, len(images), (32,))
@@ -140,8 +157,9 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool) -> dict:
         evaluate(raw, val_loader, torch.device("cpu"), "off", False)
         model.train()
 
-    # order within a round: minimal, template, minimal again (reversed every other round)
-    loop_fns = {"minimal": minimal_epoch, "template": template_epoch, "minimal again": minimal_epoch}
+    # order within a round: as listed, reversed every other round
+    loop_fns = {"minimal": minimal_epoch, "template": template_epoch, "no agreement": template_epoch_local_flags,
+                "minimal again": minimal_epoch}
     page_faults = {name: [] for name in loop_fns}
     loops = {name: _counting_faults(fn, page_faults[name]) for name, fn in loop_fns.items()}
     epochs = interleaved_times(loops, repeats=repeats, iters=1, device=torch.device("cpu"), barrier=dist.barrier,
@@ -164,14 +182,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=24, help="interleaved epochs of each loop")
     parser.add_argument("--syncbn", choices=["on", "off"], default="on")
+    parser.add_argument("--model", choices=["small_cnn", "linear"], default="small_cnn")
     args = parser.parse_args()
-    per_rank = run_ranks(measure, 2, args.repeats, args.syncbn == "on")
-    print(machine_banner(f"setup   : 2 ranks, gloo, 1 thread each; small_cnn 32px batch 32/rank, SyncBN {args.syncbn}; "
+    per_rank = run_ranks(measure, 2, args.repeats, args.syncbn == "on", args.model)
+    model = "one Linear layer, no BN" if args.model == "linear" else f"small_cnn, SyncBN {args.syncbn}"
+    print(machine_banner(f"setup   : 2 ranks, gloo, 1 thread each; {model}, 32px batch 32/rank; "
                          f"{args.repeats} interleaved epochs of {STEPS_PER_EPOCH} steps per loop; pieces 7 repeats"))
     epochs = _slowest_rank(per_rank, "epochs")
-    rows = [[k, fmt_stat(v, 1e3, 2), fmt_stat(ratio_stat(epochs["minimal"], v), 1, 3),
+    rows = [[k, fmt_stat(v, 1e3, 2), fmt_stat([a - b for a, b in zip(v, epochs["minimal"])], 1e3, 3),
+             fmt_stat(ratio_stat(epochs["minimal"], v), 1, 3),
              " / ".join(f"{med(r['page_faults'][k]):.0f}" for r in per_rank)] for k, v in epochs.items()]
-    print_table(["loop", "ms per step", "minimal / this (throughput ratio)", "page faults per step (rank 0 / 1)"], rows,
+    print_table(["loop", "ms per step", "ms over minimal", "minimal / this (throughput ratio)",
+                 "page faults per step (rank 0 / 1)"], rows,
                 "Template loop vs minimal loop, same processes (median [min-max])")
     t = _slowest_rank(per_rank, "pieces")
     rows = [[k, fmt_stat(v, 1e3, 3), fmt_stat(ratio_stat(v, t["step"]), 100, 2)] for k, v in t.items()]
