@@ -4,8 +4,8 @@ same processes, and the pieces the minimal loop does not have.
     python benchmarks/bench_template_overheads.py [--repeats 24] [--syncbn off] [--model linear]
 
 In 2 spawned gloo ranks (1 thread each), on one small_cnn 32px batch-32 DDP model with SyncBN on (or off); with
-``--model linear`` the model is one Linear layer on the flattened image (no BatchNorm), so a step costs ~1 ms and
-the extra milliseconds per step are the loop's own cost, with nothing to hide behind:
+``--model linear`` the model is one Linear layer on the flattened image (no BatchNorm), so a step costs a few ms
+and the extra milliseconds per step are the loop's own cost, with nothing to hide behind:
 
 epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
   minimal        the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
