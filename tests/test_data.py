@@ -13,8 +13,8 @@ from engine.config import DataConfig
 SEED = 3
 
 
-def _augmented_train_set(num_train: int = 48):
-    cfg = DataConfig(name="synthetic", image_size=8, num_train=num_train, num_val=8, augment=True)
+def _augmented_train_set():
+    cfg = DataConfig(name="synthetic", image_size=8, num_train=48, num_val=8, augment=True)
     return build_datasets(cfg, 4, SEED).train
 
 

@@ -1,9 +1,10 @@
 """Never lose a run: exact resume after SIGKILL, preemption by signal, torchrun restarts, world-size change.
 
-Every test launches the real entry script on 2 gloo processes (synthetic data,
-shuffling and augmentation on) and checks what a user relies on: the exit code,
+The run tests launch the real entry script on 2 gloo processes (synthetic data,
+shuffling and augmentation on) and check what a user relies on: the exit code,
 the checkpoint on disk, and that the continued run ends where an uninterrupted
-one does, to the bit.
+one does, to the bit. The last test checks the per-step agreement those stops rest
+on (stop signal, non-finite loss) directly, over real collectives on 3 processes.
 """
 
 from __future__ import annotations
