@@ -10,9 +10,9 @@ and the extra milliseconds per step are the loop's own cost, with nothing to hid
 epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
   minimal        the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
   template       engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
-                 optimizer, schedule, disabled GradScaler, metric logger and per-step agreement
-  no agreement   the template loop with its per-step agreement (one small all-reduce) replaced by a local stand-in:
-                 what that collective costs per step
+                 optimizer, schedule, disabled GradScaler, metric logger, and the ranks' agreement (stop signal,
+                 losses: one small all-reduce) every train.agree_every_steps = 10 steps
+  agree every step  the template loop with train.agree_every_steps = 1: what agreeing at every step would cost
   minimal again  the minimal loop a second time, an A/A control: how far the ratio strays with no difference at all
 Same model, optimizer and data objects, so launch-to-launch noise (bench_end_to_end.py's largest error) is absent.
 Each loop also reports the minor page faults per step of each rank: on CPU, glibc malloc hands large freed blocks
@@ -21,8 +21,8 @@ on the work. Setting bench_end_to_end.MALLOC_TUNED in the environment takes them
 
 pieces (round-robin, per call, divided by a training step of the same model):
   step        one DDP training step on a fixed batch (the reference)
-  flags       StopFlags.start_sync + its read: one 3-float all_reduce + .tolist(), not overlapped here (the
-              trainer starts it after the forward and reads it after the backward)
+  flags       StopFlags.start_sync + its read for one step: one 3-float all_reduce + .tolist(), not overlapped
+              here (the trainer starts it after the forward and reads it after the backward)
   loader      next() on the template's train loader; loader_aug with augmentation on (seeded per sample)
   index       the minimal loop's input: a random index into the in-memory tensors
   logger      MetricLogger.update + log_every bookkeeping (no printing: print_freq large)
@@ -34,6 +34,7 @@ pieces (round-robin, per call, divided by a training step of the same model):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 from pathlib import Path
@@ -75,13 +76,6 @@ def _counting_faults(fn, counts: list[int]):
         counts.append(_minor_faults() - before)
 
     return run
-
-
-class _LocalFlags:
-    """StopFlags.start_sync's interface without its all-reduce (and without agreement: a measurement stand-in)."""
-
-    def start_sync(self, loss_sum: torch.Tensor, count: int):
-        return lambda: (False, False, float(loss_sum), count)
 
 
 def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) -> dict:
@@ -137,13 +131,13 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
             opt.step()
         loss.item()
 
-    def template_epoch(stop_flags: StopFlags = flags):
+    def template_epoch(train_cfg=cfg.train):
         train_loader.sampler.set_epoch(0)
-        train_one_epoch(model, train_loader, opt, sched, scaler, TrainState(), cfg.train, STEPS_PER_EPOCH,
-                        torch.device("cpu"), stop_flags, faults, rank == 0, lambda: None)
+        train_one_epoch(model, train_loader, opt, sched, scaler, TrainState(), train_cfg, STEPS_PER_EPOCH,
+                        torch.device("cpu"), flags, faults, rank == 0, lambda: None)
 
-    def template_epoch_local_flags():
-        template_epoch(_LocalFlags())
+    def template_epoch_agree_every_step():
+        template_epoch(dataclasses.replace(cfg.train, agree_every_steps=1))
 
     def index():
         idx = torch.randint(0, len(images), (32,))
@@ -158,13 +152,13 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
         model.train()
 
     # order within a round: as listed, reversed every other round
-    loop_fns = {"minimal": minimal_epoch, "template": template_epoch, "no agreement": template_epoch_local_flags,
+    loop_fns = {"minimal": minimal_epoch, "template": template_epoch, "agree every step": template_epoch_agree_every_step,
                 "minimal again": minimal_epoch}
     page_faults = {name: [] for name in loop_fns}
     loops = {name: _counting_faults(fn, page_faults[name]) for name, fn in loop_fns.items()}
     epochs = interleaved_times(loops, repeats=repeats, iters=1, device=torch.device("cpu"), barrier=dist.barrier,
                                warmup=1)
-    pieces = {"step": step, "flags": lambda: flags.start_sync(loss_sum, 32)(), "loader": lambda: next(batches),
+    pieces = {"step": step, "flags": lambda: flags.start_sync([loss_sum], [32])(), "loader": lambda: next(batches),
               "loader_aug": lambda: next(batches_aug), "index": index, "logger": log, "sched": sched.step,
               "eval/epoch": eval_once}
     times = interleaved_times(pieces, repeats=7, iters=10, device=torch.device("cpu"), barrier=dist.barrier)

@@ -73,6 +73,7 @@ class TrainConfig:
     eval_only: bool = False
     checkpoint_every_steps: int = 0  # 0 = end of epoch only
     keep_checkpoints: int = 2
+    agree_every_steps: int = 10  # ranks agree on stop signal and losses (NaN check); also before every checkpoint
     print_freq: int = 20
     progress_bar: bool = True
     tensorboard: bool = True
@@ -253,6 +254,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)"),
         (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = per epoch)"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
+        (cfg.train.agree_every_steps >= 1, "train.agree_every_steps", "must be >= 1"),
         (cfg.train.print_freq >= 1, "train.print_freq", "must be >= 1"),
         (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
         (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),

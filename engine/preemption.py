@@ -1,10 +1,11 @@
 """Preemption: SIGTERM / SIGUSR1 on any rank makes all ranks stop at the same step.
 
-The handler only records the signal; the training loop calls :meth:`StopFlags.start_sync`
-once per optimizer step, which folds this rank's flags into one tiny all-reduce so
-every rank takes the same decision at the same step (no rank waits in a collective
-the others have left). The same reduction carries the step's loss sum and sample count,
-so every rank knows the global loss, and whether any rank's loss was NaN or infinite.
+The handler only records the signal; every few optimizer steps (``train.agree_every_steps``, and always
+before a checkpoint) the training loop calls :meth:`StopFlags.start_sync`, which folds this rank's flag into
+one tiny all-reduce so every rank takes the same decision at the same step (no rank waits in a collective
+the others have left). The same reduction carries each step's loss sum and sample count since the last
+agreement, so every rank knows the global loss of every step, and at which step any rank's loss became NaN
+or infinite.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 import torch
@@ -24,7 +26,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlags:
-    """Signal-driven stop request plus per-step anomaly flags, agreed across ranks."""
+    """The signal-driven stop request, agreed across ranks together with the losses since the last agreement."""
 
     def __init__(self) -> None:
         self.signal_received: int = 0
@@ -42,21 +44,32 @@ class StopFlags:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal_received = signum
 
-    def start_sync(self, loss_sum: torch.Tensor, count: int) -> Callable[[], tuple[bool, bool, float, int]]:
-        """Start agreeing on this step; the returned function gives (stop requested on any rank, non-finite loss
-        on any rank, global loss sum, global count), identical on every rank.
+    def start_sync(self, loss_sums: list[torch.Tensor], counts: list[int]) -> Callable[[], Agreement]:
+        """Start agreeing on the steps since the last agreement: this rank's loss sum and sample count of each.
 
-        Everything it reduces is known once the step's forward is done, so the trainer starts it there and reads
-        it after the backward: one small all-reduce that overlaps the backward, and one host read per step, which
-        is what lets a non-finite loss stop every rank before its optimizer step. No separate flag is needed for
-        that: a NaN or infinite loss on any rank makes the global sum NaN or infinite.
+        The trainer starts it once the last of those steps' forward is done and reads it after the backward, so
+        the all-reduce overlaps the backward; the read is this rank's only host sync between agreements.
         """
-        flags = loss_sum.new_tensor([float(self.signal_received != 0), 0.0, float(count)], dtype=torch.float64)
-        flags[1] = loss_sum.detach()
+        losses = torch.stack(loss_sums).double()
+        flags = torch.cat([losses.new_tensor([float(self.signal_received != 0), *counts]), losses])
         wait = start_all_reduce_sum(flags)
 
-        def result() -> tuple[bool, bool, float, int]:
-            stop, total, n = wait().tolist()
-            return stop > 0, not math.isfinite(total), total, int(n)
+        def result() -> Agreement:
+            stop, *values = wait().tolist()
+            n = len(counts)
+            return Agreement(stop > 0, values[n:], [int(c) for c in values[:n]])
 
         return result
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What every rank knows after an agreement, identical on every rank."""
+
+    stop: bool  # a stop signal reached some rank
+    loss_sums: list[float]  # global loss sum of each step since the previous agreement, oldest first
+    counts: list[int]  # global sample count of each of those steps
+
+    def first_nonfinite(self) -> int | None:
+        """Index of the first step whose loss was NaN or infinite on some rank (a NaN on any rank makes the sum NaN)."""
+        return next((i for i, total in enumerate(self.loss_sums) if not math.isfinite(total)), None)

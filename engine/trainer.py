@@ -58,6 +58,22 @@ def _to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -
     return batch.to(device, non_blocking=True, memory_format=memory_format)
 
 
+def _agree_at_step(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, first_step: bool) -> bool:
+    """Whether the ranks agree (stop signal, losses) in step ``state.step``: every ``cfg.agree_every_steps``
+    steps, and always at the first step of a run (a broken setup shows at once), before a checkpoint (a
+    NaN loss stops the run before it reaches one) and at the epoch's end (its loss is complete).
+    Every rank computes the same answer from the same numbers: no rank is left waiting in the all-reduce.
+    """
+    done = state.step + 1  # steps done once this one is
+    checkpoint_every = cfg.checkpoint_every_steps
+    return (
+        first_step
+        or done % cfg.agree_every_steps == 0
+        or state.epoch_step + 1 == steps_per_epoch
+        or (checkpoint_every > 0 and done % checkpoint_every == 0)
+    )
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -79,7 +95,9 @@ def train_one_epoch(
     micro_batches = (steps_per_epoch - state.epoch_step) * accum
     header = f"epoch {state.epoch + 1}/{cfg.epochs}"
     metric_logger = MetricLogger(header, cfg.print_freq, log_enabled, cfg.progress_bar)
-    loss_sum, count = torch.zeros((), device=device), 0
+    step_loss, step_count = torch.zeros((), device=device), 0  # this rank's loss sum and samples in this step
+    window_losses: list[torch.Tensor] = []  # ... of each step since the ranks last agreed
+    window_counts: list[int] = []
     batches = itertools.islice(loader, micro_batches)
     for i, (images, targets) in enumerate(metric_logger.log_every(batches, micro_batches, loader.batch_size)):
         if i % accum == 0:
@@ -92,18 +110,26 @@ def train_one_epoch(
             with _autocast(device, cfg.amp):
                 loss = F.cross_entropy(model(images), targets, label_smoothing=cfg.label_smoothing)
             loss = faults.corrupt_loss(loss, state.step)
-            loss_sum += loss.detach().float() * len(targets)
-            count += len(targets)
-            # the ranks agree on (stop, non-finite loss, global loss) while the backward runs
-            agreement = stop_flags.start_sync(loss_sum, count) if last_micro_step else None
+            step_loss += loss.detach().float() * len(targets)
+            step_count += len(targets)
+            agreement = None
+            if last_micro_step:
+                window_losses.append(step_loss)
+                window_counts.append(step_count)
+                step_loss, step_count = torch.zeros((), device=device), 0
+                if _agree_at_step(state, cfg, steps_per_epoch, first_step=i + 1 == accum):
+                    # the ranks agree on (stop, each step's global loss) while the backward runs
+                    agreement = stop_flags.start_sync(window_losses, window_counts)
+                    window_losses, window_counts = [], []
             scaler.scale(loss / accum).backward()
-        if agreement is None:
+        if not last_micro_step:
             continue
 
-        stop, nonfinite, global_loss, global_count = agreement()
-        if nonfinite:
+        agreed = agreement() if agreement is not None else None
+        if agreed is not None and (bad := agreed.first_nonfinite()) is not None:
+            bad_step = state.step - len(agreed.loss_sums) + 1 + bad
             raise NonFiniteLossError(
-                f"loss is NaN or infinite at step {state.step} (epoch {state.epoch + 1}); stopping. "
+                f"loss is NaN or infinite at step {bad_step} (epoch {state.epoch + 1}); stopping. "
                 "Lower train.lr, enable train.clip_grad_norm, or check the data"
             )
         if cfg.clip_grad_norm > 0:
@@ -116,13 +142,14 @@ def train_one_epoch(
 
         state.step += 1
         state.epoch_step += 1
-        state.loss_sum += global_loss
-        state.loss_count += global_count
-        metric_logger.update(loss=global_loss / max(global_count, 1), lr=optimizer.param_groups[0]["lr"])
-        loss_sum.zero_()
-        count = 0
+        if agreed is not None:
+            state.loss_sum += sum(agreed.loss_sums)
+            state.loss_count += sum(agreed.counts)
+            for total, n in zip(agreed.loss_sums, agreed.counts):
+                metric_logger.update(loss=total / max(n, 1))
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         on_step_end()
-        if stop:
+        if agreed is not None and agreed.stop:
             return True
     return False
 

@@ -3,12 +3,13 @@
 The run tests launch the real entry script on 2 gloo processes (synthetic data,
 shuffling and augmentation on) and check what a user relies on: the exit code,
 the checkpoint on disk, and that the continued run ends where an uninterrupted
-one does, to the bit. The last test checks the per-step agreement those stops rest
-on (stop signal, non-finite loss) directly, over real collectives on 3 processes.
+one does, to the bit. The last test checks the agreement those stops rest on
+(stop signal, non-finite loss) directly, over real collectives on 3 processes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.preemption import EXIT_PREEMPTED, StopFlags
+from engine.preemption import EXIT_PREEMPTED, Agreement, StopFlags
 from tests.dist_utils import run_distributed
 from tests.launch_utils import (
     run_train,
@@ -149,6 +150,20 @@ def test_sigusr1_single_process_exits_75(tmp_path: Path) -> None:
     assert load_last(run_dir)["step"] == stopped_at
 
 
+def test_nan_loss_between_agreements_stops_before_the_next_checkpoint(tmp_path: Path) -> None:
+    """NaN on rank 1 at step 3, ranks agreeing only before checkpoints (every 3 steps): both ranks stop at the
+    agreement before the step-6 checkpoint, name step 3, and the last checkpoint on disk is the clean one of step 3."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, train__checkpoint_every_steps=3, train__agree_every_steps=100,
+                          debug__fault_kind="nan", debug__fault_rank=1, debug__fault_step=3)
+    rc, out, err = run_train(args, nproc=2)
+    assert rc != 0
+    assert "loss is NaN or infinite at step 3" in err, err[-3000:]
+    saved = load_last(run_dir)
+    assert saved["step"] == 3
+    assert all(t.isfinite().all() for t in saved["model"].values() if t.is_floating_point())
+
+
 def _wait_for(path: Path, proc, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -162,19 +177,23 @@ AGREEMENT_LOSSES = [[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0], [float("nan"), 2.
                     [1.0, float("inf"), float("-inf")]]
 
 
-def _agreement_worker(rank: int, world_size: int) -> list[tuple[bool, bool, float, int]]:
-    flags, out = StopFlags(), []
-    for step, losses in enumerate(AGREEMENT_LOSSES):
-        if rank == 2 and step == 1:
-            flags.signal_received = signal.SIGTERM
-        out.append(flags.start_sync(torch.tensor(losses[rank]), 10 + rank)())
-    return out
+def _agreement_worker(rank: int, world_size: int) -> list[Agreement]:
+    """Agree on step 0 alone, then on a window of steps 0-3, as the trainer does between its agreements."""
+    flags = StopFlags()
+    losses = [torch.tensor(step[rank]) for step in AGREEMENT_LOSSES]
+    first = flags.start_sync(losses[:1], [10 + rank])()
+    if rank == 2:
+        flags.signal_received = signal.SIGTERM
+    return [first, flags.start_sync(losses, [10 + rank, 20, 30 + rank, 5])()]
 
 
 def test_every_rank_agrees_on_stop_and_non_finite_loss_whichever_rank_saw_it() -> None:
     per_rank = run_distributed(_agreement_worker, 3)
     assert repr(per_rank[0]) == repr(per_rank[1]) == repr(per_rank[2])  # repr: NaN != NaN
-    results = per_rank[0]
-    assert results[0] == (False, False, 6.0, 33)
-    assert [r[:2] for r in results[1:]] == [(True, True)] * 3  # inf, NaN, and inf + -inf on different ranks
-    assert all(r[3] == 33 for r in results)
+    first, rest = per_rank[0]
+    assert first == Agreement(stop=False, loss_sums=[6.0], counts=[33])
+    assert first.first_nonfinite() is None
+    assert rest.stop and rest.counts == [33, 60, 93, 15]
+    # inf, NaN, and inf + -inf on different ranks: each of those steps' sum is non-finite; the first is reported
+    assert [math.isfinite(total) for total in rest.loss_sums] == [True, False, False, False]
+    assert rest.first_nonfinite() == 1
