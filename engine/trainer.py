@@ -60,8 +60,9 @@ def _to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -
 
 def _agree_at_step(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, first_step: bool) -> bool:
     """Whether the ranks agree (stop signal, losses) in step ``state.step``: every ``cfg.agree_every_steps``
-    steps, and always at the first step of a run (a broken setup shows at once), before a checkpoint (a
-    NaN loss stops the run before it reaches one) and at the epoch's end (its loss is complete).
+    steps, and always at the first step ``train_one_epoch`` runs (the epoch's first, or the first after a
+    resume: a broken setup shows at once, and the first log line has a loss), before a checkpoint (a NaN loss
+    stops the run before it reaches one) and at the epoch's end (its loss is complete).
     Every rank computes the same answer from the same numbers: no rank is left waiting in the all-reduce.
     """
     done = state.step + 1  # steps done once this one is
