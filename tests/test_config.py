@@ -59,6 +59,7 @@ def test_int_accepted_for_float_and_later_override_wins():
         (["data.batch_size=0"], "data.batch_size: must be >= 1"),
         (["data.batch_size=-4"], "data.batch_size: must be >= 1"),
         (["train.lr=0"], "train.lr: must be > 0"),
+        (["train.agree_every_steps=0"], "train.agree_every_steps: must be >= 1"),
         (["syncbn.enabled=maybe"], "syncbn.enabled: expected bool"),
         (["train.optimizer=adam"], "train.optimizer: 'adam' is not one of sgd, adamw"),
         (["train.epochs"], "malformed override 'train.epochs'"),
