@@ -41,7 +41,7 @@ from engine.logging import MetricsWriter, setup_logger
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopFlags
 from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm, sync_bn_buffers
-from engine.trainer import NonFiniteLossError, TrainState, evaluate, train_one_epoch
+from engine.trainer import NonFiniteLossError, TrainState, evaluate, mid_epoch_checkpoint_due, train_one_epoch
 from models import ModelError, build_model
 
 
@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     def on_step_end() -> None:
-        every = cfg.train.checkpoint_every_steps
-        if every and state.step % every == 0 and state.epoch_step < steps_per_epoch:
+        if mid_epoch_checkpoint_due(state.step, state.epoch_step, cfg.train, steps_per_epoch):
             save()
 
     stop_flags = StopFlags()

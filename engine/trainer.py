@@ -58,6 +58,13 @@ def _to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -
     return batch.to(device, non_blocking=True, memory_format=memory_format)
 
 
+def mid_epoch_checkpoint_due(steps_done: int, epoch_steps_done: int, cfg: TrainConfig, steps_per_epoch: int) -> bool:
+    """Whether a mid-epoch checkpoint follows the step that makes ``steps_done``: the one rule the entry script
+    saves by and the agreement schedule reads (the ranks must agree before every save)."""
+    every = cfg.checkpoint_every_steps
+    return every > 0 and steps_done % every == 0 and epoch_steps_done < steps_per_epoch
+
+
 def _agree_at_step(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, first_step: bool) -> bool:
     """Whether the ranks agree (stop signal, losses) in step ``state.step``: every ``cfg.agree_every_steps``
     steps, and always at the first step ``train_one_epoch`` runs (the epoch's first, or the first after a
@@ -65,13 +72,12 @@ def _agree_at_step(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, fi
     stops the run before it reaches one) and at the epoch's end (its loss is complete).
     Every rank computes the same answer from the same numbers: no rank is left waiting in the all-reduce.
     """
-    done = state.step + 1  # steps done once this one is
-    checkpoint_every = cfg.checkpoint_every_steps
+    done, epoch_done = state.step + 1, state.epoch_step + 1  # once this step is done
     return (
         first_step
         or done % cfg.agree_every_steps == 0
-        or state.epoch_step + 1 == steps_per_epoch
-        or (checkpoint_every > 0 and done % checkpoint_every == 0)
+        or epoch_done == steps_per_epoch
+        or mid_epoch_checkpoint_due(done, epoch_done, cfg, steps_per_epoch)
     )
 
 

@@ -172,7 +172,7 @@ def _wait_for(path: Path, proc, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-# per step, each rank's loss sum; rank 2 also receives a stop signal before step 1
+# per step, each rank's loss sum; rank 2 receives a stop signal between the two agreements
 AGREEMENT_LOSSES = [[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0], [float("nan"), 2.0, 3.0],
                     [1.0, float("inf"), float("-inf")]]
 
