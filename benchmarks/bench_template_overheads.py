@@ -21,7 +21,7 @@ on the work. Setting bench_end_to_end.MALLOC_TUNED in the environment takes them
 
 pieces (round-robin, per call, divided by a training step of the same model):
   step        one DDP training step on a fixed batch (the reference)
-  flags       StopFlags.start_sync + its read for one step: one 3-float all_reduce + .tolist(), not overlapped
+  agreement   start_agreement + its read for one step: one 3-float all_reduce + .tolist(), not overlapped
               here (the trainer starts it after the forward and reads it after the backward)
   loader      next() on the template's train loader; loader_aug with augmentation on (seeded per sample)
   index       the minimal loop's input: a random index into the in-memory tensors
@@ -83,13 +83,13 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
 
     from data import build_datasets
     from data.loaders import build_train_loader, build_val_loader
+    from engine.agreement import start_agreement
     from engine.config import load_config
-    from engine.faults import FaultInjector
     from engine.logging import MetricLogger
     from engine.optim import build_optimizer, build_scheduler
-    from engine.preemption import StopFlags
+    from engine.preemption import StopSignal
     from engine.syncbn import convert_sync_batchnorm
-    from engine.trainer import TrainState, evaluate, train_one_epoch
+    from engine.trainer import TrainLoop, TrainState, evaluate, train_one_epoch
     from models import build_model
 
     overrides = ["data.num_train=4096", "data.num_val=64", "train.print_freq=1000000", "train.progress_bar=false"]
@@ -110,7 +110,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
     batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
-    flags, faults = StopFlags(), FaultInjector(cfg.debug, rank, "")
+    loop = TrainLoop(model, opt, sched, scaler, cfg.train, torch.device("cpu"), STEPS_PER_EPOCH, log_enabled=rank == 0)
     loss_sum = torch.zeros(())
     logger = MetricLogger("bench", 10**9, rank == 0, False)
     ticker = iter(logger.log_every(iter(int, 1), 10**9, 32))  # endless: one next() per step
@@ -131,13 +131,11 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
             opt.step()
         loss.item()
 
-    def template_epoch(train_cfg=cfg.train):
-        train_loader.sampler.set_epoch(0)
-        train_one_epoch(model, train_loader, opt, sched, scaler, TrainState(), train_cfg, STEPS_PER_EPOCH,
-                        torch.device("cpu"), flags, faults, rank == 0, lambda: None)
+    def template_epoch(epoch_loop=loop):
+        train_one_epoch(epoch_loop, train_loader, TrainState(), StopSignal())
 
     def template_epoch_agree_every_step():
-        template_epoch(dataclasses.replace(cfg.train, agree_every_steps=1))
+        template_epoch(dataclasses.replace(loop, cfg=dataclasses.replace(cfg.train, agree_every_steps=1)))
 
     def index():
         idx = torch.randint(0, len(images), (32,))
@@ -158,7 +156,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     loops = {name: _counting_faults(fn, page_faults[name]) for name, fn in loop_fns.items()}
     epochs = interleaved_times(loops, repeats=repeats, iters=1, device=torch.device("cpu"), barrier=dist.barrier,
                                warmup=1)
-    pieces = {"step": step, "flags": lambda: flags.start_sync([loss_sum], [32])(), "loader": lambda: next(batches),
+    pieces = {"step": step, "agreement": lambda: start_agreement(False, [loss_sum], [32])(), "loader": lambda: next(batches),
               "loader_aug": lambda: next(batches_aug), "index": index, "logger": log, "sched": sched.step,
               "eval/epoch": eval_once}
     times = interleaved_times(pieces, repeats=7, iters=10, device=torch.device("cpu"), barrier=dist.barrier)

@@ -154,9 +154,9 @@ def interleaved_times(
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 900.0) -> list[Any]:
     """``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes (one thread each), as the tests do."""
-    from tests.dist_utils import run_distributed
+    from engine.launch import spawn
 
-    return run_distributed(fn, world_size, *args, timeout_s=timeout_s)
+    return spawn(fn, world_size, *args, timeout_s=timeout_s)
 
 
 def under_torchrun() -> bool:

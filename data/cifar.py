@@ -9,7 +9,10 @@ from data.transforms import cifar_transforms
 from engine.config import DataConfig
 
 
-def _build(cfg: DataConfig, classes: int) -> DatasetPair:
+def _build(cfg: DataConfig, classes: int, num_classes: int) -> DatasetPair:
+    if num_classes != classes:  # before touching the disk (or the network, with data.download)
+        raise DataError(f"model.num_classes is {num_classes} but {cfg.name} has {classes} classes; "
+                        f"set model.num_classes={classes}")
     from torchvision import datasets
 
     base = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
@@ -46,9 +49,11 @@ def _build(cfg: DataConfig, classes: int) -> DatasetPair:
 
 @register_dataset("cifar10")
 def build_cifar10(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
-    return _build(cfg, 10)
+    """The files fix every sample, so ``seed`` has nothing to choose (augmentation is seeded by the loader)."""
+    return _build(cfg, 10, num_classes)
 
 
 @register_dataset("cifar100")
 def build_cifar100(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
-    return _build(cfg, 100)
+    """The files fix every sample, so ``seed`` has nothing to choose (augmentation is seeded by the loader)."""
+    return _build(cfg, 100, num_classes)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from engine.config import DataConfig
+from engine.errors import DataError
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -123,3 +124,15 @@ def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: i
         sampler=ShardedEvalSampler(dataset, world_size, rank),
         **_loader_kwargs(cfg, pin_memory),
     )
+
+
+def steps_per_epoch(loader: DataLoader, accumulate_steps: int) -> int:
+    """Optimizer steps in one epoch of ``loader`` (a train loader); a data set too small for one is an error."""
+    steps = len(loader) // accumulate_steps
+    if steps == 0:
+        raise DataError(
+            f"data: {len(loader.dataset)} training samples give no full step of {loader.batch_size} x "
+            f"{loader.sampler.num_replicas} processes x {accumulate_steps} accumulation; "
+            "use fewer processes or a smaller batch"
+        )
+    return steps

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from engine.config import DataConfig
+from engine.errors import DataError
 
-
-class DataError(ValueError):
-    """A data problem (missing root, empty folder, class-count mismatch), reported as one line."""
+__all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_dataset"]
 
 
 @dataclass

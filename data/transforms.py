@@ -1,4 +1,5 @@
-"""Standard torchvision transforms for the real-image datasets (torchvision is imported only here)."""
+"""Standard torchvision transforms for the real-image datasets (torchvision is imported inside each function,
+so that importing ``data`` stays cheap)."""
 
 from __future__ import annotations
 

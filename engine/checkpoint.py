@@ -1,4 +1,5 @@
-"""Checkpoints that survive kills: atomic writes by rank 0, safe loads, resume discovery, RNG state.
+"""What a checkpoint holds, both ways (``Checkpointer``); atomic writes by rank 0, safe loads, resume discovery,
+RNG state, and the output-dir policy (which run may write where, which checkpoint a run resumes).
 
 Layout under ``<output_dir>/checkpoints``: ``ckpt_e{epoch}_s{step}.pt`` (the newest
 ``keep`` of them), ``last.pt`` (a hard link to the newest) and ``best.pt``. Every file
@@ -19,14 +20,14 @@ from typing import Any
 
 import torch
 
+from engine.config import Config, config_to_dict, dump_config, global_batch_size
+from engine.distributed import DistContext, gather_objects
+from engine.errors import CheckpointError, ConfigError
 from engine.logging import get_logger
+from engine.trainer import TrainState, consistent_bn_buffers
 
 CHECKPOINT_DIR = "checkpoints"
 _HISTORY = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit this run, named by path."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -228,3 +229,113 @@ def check_run_compatible(
             "training continues, but is no longer bit-exact"
         )
     return ""
+
+
+# --------------------------------------------------------------------------- the run's checkpoints, both ways
+
+
+class Checkpointer:
+    """Owns what a checkpoint of this template holds: the model (a plain state_dict), optimizer, scheduler, grad
+    scaler, ``TrainState``, every rank's RNG streams, the resolved config, world size and global batch.
+
+    ``save`` is a collective (every rank passes: the ranks' RNG states are gathered, and without SyncBN the BN
+    buffers are made consistent first); only global rank 0 writes. ``resume`` restores all of it on every rank.
+    """
+
+    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.global_batch = global_batch_size(cfg, ctx.world_size)
+
+    def save(self, state: TrainState, is_best: bool = False) -> None:
+        consistent_bn_buffers(self.model, self.cfg.syncbn)
+        rng = gather_objects(capture_rng_state())  # a collective: every rank passes here
+        if not self.ctx.is_main:
+            return
+        checkpoint = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": state.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "best_acc1": state.best_acc1,
+            "config": config_to_dict(self.cfg),
+            "world_size": self.ctx.world_size,
+            "global_batch": self.global_batch,
+            "rng": rng,
+        }
+        save_checkpoint(checkpoint, self.cfg.output_dir, keep=self.cfg.train.keep_checkpoints, is_best=is_best)
+
+    def load_model(self, path: str) -> dict[str, Any]:
+        """Load the model's weights from ``path`` (any rank, any world size); returns the whole checkpoint."""
+        loaded = load_checkpoint(path)
+        weights = strip_prefixes(loaded["model"])  # also a checkpoint saved from a DDP or compiled model
+        check_model_compatible(weights, self.model, path)
+        self.model.load_state_dict(weights)
+        return loaded
+
+    def resume(self, path: str, state: TrainState) -> None:
+        """Continue the run saved at ``path``: weights, optimizer, schedule, scaler, position and RNG streams."""
+        loaded = self.load_model(path)
+        warning = check_run_compatible(loaded, self.cfg.model.name, self.global_batch, self.ctx.world_size, path,
+                                       optimizer=self.cfg.train.optimizer)
+        if warning:
+            get_logger().warning(warning)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        self.scaler.load_state_dict(loaded["scaler"])
+        state.load_state_dict(loaded["train_state"])
+        if loaded["world_size"] == self.ctx.world_size:  # each rank gets back its own RNG streams
+            restore_rng_state(loaded["rng"][self.ctx.rank])
+        get_logger().info(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
+
+    def write_config(self) -> None:
+        """The resolved config beside the checkpoints (rank 0), so ``--config`` on it reproduces the run."""
+        if self.ctx.is_main:
+            dump_config(self.cfg, os.path.join(self.cfg.output_dir, "config.yaml"))
+
+
+# --------------------------------------------------------------------------- the output-dir policy
+
+
+def prepare_output_dir(cfg: Config) -> str | None:
+    """Rank 0: make ``output_dir`` writable and pick the checkpoint to resume (None: a fresh run), never
+    clobbering another run's files."""
+    out = cfg.output_dir
+    try:
+        os.makedirs(os.path.join(out, CHECKPOINT_DIR), exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror or exc}") from None
+    resume = cfg.train.resume
+    if resume == "none":
+        if has_run_outputs(out):
+            raise ConfigError(
+                f"output_dir {out} already holds a run; set train.resume=auto to continue it or choose another output_dir"
+            )
+        return None
+    if resume == "auto":
+        path = find_resume_checkpoint(out)
+        if path is None and has_run_outputs(out):
+            ckpt_dir = os.path.join(out, CHECKPOINT_DIR)
+            names = sorted(name for name in os.listdir(ckpt_dir) if name.endswith(".pt") and not name.startswith("."))
+            raise ConfigError(
+                f"output_dir {out} holds a run but no loadable checkpoint in {ckpt_dir} "
+                f"(unreadable: {', '.join(names) or 'none'}); move it away or choose another output_dir"
+            )
+        return path
+    load_checkpoint(resume)  # fail here, on rank 0, with the file's name
+    own = os.path.join(os.path.abspath(out), CHECKPOINT_DIR)
+    if has_run_outputs(out) and os.path.dirname(os.path.abspath(resume)) != own:
+        # starting from another run's weights here would overwrite this run's checkpoints
+        raise ConfigError(
+            f"output_dir {out} already holds a run; to start from {resume} choose another output_dir "
+            "(or train.resume=auto to continue the run there)"
+        )
+    return resume

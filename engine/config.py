@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from engine.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config problem, reported as one line naming the key or file."""
+__all__ = ["Config", "ConfigError", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
 
 
 @dataclass
@@ -282,16 +282,14 @@ def _lookup(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def global_batch_size(cfg: Config, world_size: int) -> int:
+    """Samples per optimizer step over all processes: the batch the learning rate and a resume are defined by."""
+    return cfg.data.batch_size * world_size * cfg.train.accumulate_steps
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain data (dicts, lists, str, numbers): safe for YAML, JSON and ``torch.load(weights_only=True)``."""
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of :func:`config_to_dict`, with the same checks as a YAML file."""
-    cfg = _build(Config, data, "")
-    validate(cfg)
-    return cfg
 
 
 def dump_config(cfg: Config, path: str) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.config import ConfigError, DistConfig
+from engine.config import DistConfig
+from engine.errors import ConfigError, LaunchError, RankZeroError, UserError
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,14 @@ def _int_env(environ: Mapping[str, str], name: str) -> int:
     try:
         return int(environ[name])
     except ValueError:
-        raise ConfigError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+        raise LaunchError(f"environment variable {name}={environ[name]!r} is not an integer") from None
 
 
 def first_slurm_host(nodelist: str) -> str:
     """First hostname of a SLURM node list such as ``gpu[003-005,010],login1`` (no ``scontrol`` needed)."""
     match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
     if not match:
-        raise ConfigError(f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR")
+        raise LaunchError(f"cannot parse SLURM node list {nodelist!r}; set MASTER_ADDR")
     prefix, _, ranges = match.groups()
     if ranges is None:
         return prefix
@@ -107,6 +108,13 @@ def detect_launch_env(local_rank_arg: int | None = None, environ: Mapping[str, s
     return LaunchEnv(rank=0, world_size=1, local_rank=local_rank_arg or 0, local_world_size=1, launcher="single")
 
 
+def launch_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as the launcher set it, for messages (0 when absent or unreadable)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("RANK", environ.get("SLURM_PROCID", "0"))
+    return int(text) if text.isdigit() else 0
+
+
 def _slurm_tasks_on_node(environ: Mapping[str, str], world_size: int) -> int:
     # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3"; the first count is this layout's per-node size.
     text = environ.get("SLURM_TASKS_PER_NODE", "")
@@ -127,14 +135,14 @@ def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_
     """Set the device, create the process group (only when world size > 1) and the SyncBN groups."""
     env = detect_launch_env(local_rank_arg)
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
-        raise ConfigError(f"launcher gave rank {env.rank} of world size {env.world_size}")
+        raise LaunchError(f"launcher gave rank {env.rank} of world size {env.world_size}")
     if syncbn_group_size and env.world_size % syncbn_group_size:
         raise ConfigError(f"syncbn.group_size: {syncbn_group_size} does not divide the world size {env.world_size}")
     cuda = torch.cuda.is_available() and cfg.backend != "gloo"
     backend = select_backend(cfg.backend, torch.cuda.is_available())
     if cuda:
         if env.local_rank >= torch.cuda.device_count():
-            raise ConfigError(
+            raise LaunchError(
                 f"local rank {env.local_rank} has no GPU: only {torch.cuda.device_count()} visible "
                 "(launch at most one process per GPU)"
             )
@@ -182,10 +190,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:
@@ -238,19 +242,16 @@ def rank0_decides(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only and give its result to every rank; if it raises, every rank raises.
 
     For decisions that touch the filesystem (which checkpoint to resume, may we write
-    here): one rank looks, all ranks act alike, and an error stops all of them together.
+    here): one rank looks, all ranks act alike, and an error stops all of them together
+    (a user error keeps its message; anything else is named by its type).
     """
     result, error = None, None
     if get_rank() == 0:
         try:
             result = fn()
-        except (OSError, ValueError, RuntimeError) as exc:
-            error = (type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait in the broadcast
+            error = str(exc) if isinstance(exc, (UserError, OSError)) else f"{type(exc).__name__}: {exc}"
     result, error = broadcast_object((result, error))
     if error is not None:
-        raise RankZeroError(error[1])
+        raise RankZeroError(error)
     return result
-
-
-class RankZeroError(RuntimeError):
-    """An error rank 0 met while deciding for everyone; every rank re-raises it."""

@@ -19,9 +19,16 @@ class InjectedFault(RuntimeError):
 
 
 class FaultInjector:
+    """The trainer's optional test hook: called before each optimizer step and on each loss."""
+
     def __init__(self, cfg: DebugConfig, rank: int, output_dir: str) -> None:
         self.cfg, self.rank = cfg, rank
         self.marker = os.path.join(output_dir, f".fault_injected_rank{rank}")
+
+    @classmethod
+    def from_config(cls, cfg: DebugConfig, rank: int, output_dir: str) -> FaultInjector | None:
+        """An injector when ``debug.fault_step`` is set, else None (the trainer then skips the hook entirely)."""
+        return cls(cfg, rank, output_dir) if cfg.fault_step >= 0 else None
 
     def _armed(self, step: int, kinds: tuple[str, ...]) -> bool:
         cfg = self.cfg

@@ -9,13 +9,18 @@ import datetime
 import json
 import logging
 import os
+import platform
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from engine.config import Config, global_batch_size
+from engine.distributed import DistContext
 
 LOGGER_NAME = "ddp"
 
@@ -34,6 +39,43 @@ def setup_logger(rank: int) -> logging.Logger:
 
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
+
+
+def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float) -> None:
+    """Who runs what, on rank 0: world, launcher, backend, device, batches, lr, what BatchNorm does, versions."""
+    per_node = f"{ctx.local_world_size} per node | " if ctx.local_world_size != ctx.world_size else ""
+    get_logger().info(
+        f"== DDP + SyncBN template | world size {ctx.world_size} ({ctx.launcher}) | {per_node}"
+        f"backend {ctx.backend or 'none'} | device {ctx.device}\n"
+        f"   model {cfg.model.name} ({cfg.model.num_classes} classes) | data {cfg.data.name} | "
+        f"batch {cfg.data.batch_size}/process x {ctx.world_size} x accum {cfg.train.accumulate_steps} = "
+        f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
+        f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
+        f"   torch {torch.__version__} | python {platform.python_version()} | output {cfg.output_dir}"
+    )
+
+
+def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
+    kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if isinstance(m, _BatchNorm))
+    layers = ", ".join(f"{n} x {kind}" for kind, n in kinds.items()) or "no BatchNorm layers"
+    if cfg.syncbn.enabled:
+        scope = f"groups of {cfg.syncbn.group_size} ranks" if cfg.syncbn.group_size else f"all {ctx.world_size} ranks"
+        what = f"synchronised over {scope}" if ctx.world_size > 1 else "SyncBN on, world size 1: nothing to synchronise"
+    elif cfg.syncbn.virtual_splits > 1:
+        what = f"ghost BatchNorm, {cfg.syncbn.virtual_splits} virtual splits per process"
+    else:
+        what = f"local per process (SyncBN off), buffers made consistent by '{cfg.syncbn.buffer_policy}'"
+    return f"{what} [{layers}]"
+
+
+def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:
+    """The epoch line: losses, accuracies, lr, throughput of all processes, time, ETA."""
+    get_logger().info(
+        f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
+        f"val_loss {record['val_loss']:.4f}  val_acc1 {record['val_acc1']:.2f}  "
+        f"val_acc5 {record['val_acc5']:.2f}  lr {record['lr']:.4g}  "
+        f"{record['samples_per_s']:.0f} samples/s (all processes)  epoch {record['epoch_time_s']:.1f}s  eta {eta_s:.0f}s"
+    )
 
 
 class SmoothedValue:
@@ -93,7 +135,7 @@ class MetricLogger:
             from tqdm import tqdm
 
             bar = tqdm(total=total, desc=self.header, dynamic_ncols=True, leave=False)
-        start = end = time.perf_counter()
+        end = time.perf_counter()
         for i, obj in enumerate(iterable):
             data_time.update(time.perf_counter() - end)
             yield obj
@@ -113,7 +155,6 @@ class MetricLogger:
                 )
         if bar is not None:
             bar.close()
-        self.elapsed = time.perf_counter() - start
 
 
 def _max_memory() -> str:
@@ -148,6 +189,12 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _tb_tag(key: str) -> str:

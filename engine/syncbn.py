@@ -60,6 +60,17 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _count_step(bn: _BatchNorm) -> float | Tensor:
+    """Advance ``num_batches_tracked`` as ``_BatchNorm.forward`` does and return the running-stats factor: the
+    momentum, or for ``momentum=None`` the cumulative-average factor 1/count, kept a tensor (no host read)."""
+    if not bn.track_running_stats or bn.num_batches_tracked is None:
+        return 0.0 if bn.momentum is None else bn.momentum
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return bn.num_batches_tracked.to(torch.float64).reciprocal()
+    return bn.momentum
+
+
 def _per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
@@ -284,20 +295,11 @@ class SyncBatchNorm(_BatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         group, world_size = sync
-        factor = self._count_step()
+        factor = _count_step(self)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         return _sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
                                 world_size)
-
-    def _count_step(self) -> float | Tensor:
-        """Advance num_batches_tracked like _BatchNorm; the cumulative-average factor stays a tensor (no host read)."""
-        if not self.track_running_stats or self.num_batches_tracked is None:
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return self.num_batches_tracked.to(torch.float64).reciprocal()
-        return self.momentum
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
@@ -356,7 +358,7 @@ class GhostBatchNorm(_BatchNorm):
                 f"GhostBatchNorm: batch size {batch} is not divisible by virtual_splits={splits}; "
                 f"use a batch size that is a multiple of {splits} (e.g. drop_last=True in the loader)"
             )
-        factor = self._count_step()
+        factor = _count_step(self)
         outs = [
             F.batch_norm(
                 chunk,
@@ -371,13 +373,6 @@ class GhostBatchNorm(_BatchNorm):
             for i, chunk in enumerate(input.split(batch // splits))
         ]
         return torch.cat(outs)
-
-    def _count_step(self) -> float:
-        """The same momentum / cumulative-average factor _BatchNorm.forward uses, counting one step per call."""
-        if not self.track_running_stats or self.num_batches_tracked is None:
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
 
 # --------------------------------------------------------------------------------------------- converters

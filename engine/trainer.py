@@ -1,12 +1,12 @@
-"""The train step and epoch loop, and exact distributed evaluation."""
+"""The train step and epoch loop, where training stands (``TrainState``), and exact distributed evaluation."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -14,20 +14,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from engine.config import TrainConfig
+from engine.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
+from engine.config import SyncBNConfig, TrainConfig
 from engine.distributed import all_reduce_sum
+from engine.errors import NonFiniteLossError
 from engine.faults import FaultInjector
 from engine.logging import MetricLogger
-from engine.preemption import StopFlags
+from engine.preemption import StopSignal
+from engine.syncbn import sync_bn_buffers
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops instead of producing silent garbage."""
+if TYPE_CHECKING:
+    from engine.checkpoint import Checkpointer
 
 
 @dataclass
 class TrainState:
-    """Where training stands; saved in every checkpoint so a resume continues at the same sample."""
+    """Where training stands; saved in every checkpoint so a resume continues at the same sample.
+
+    It changes only through its methods: one optimizer step done, one epoch done.
+    """
 
     epoch: int = 0  # the epoch in progress (0-based)
     step: int = 0  # optimizer steps done since the start of training
@@ -36,12 +41,55 @@ class TrainState:
     loss_sum: float = 0.0  # global (all ranks) train-loss sum of ``epoch`` so far
     loss_count: int = 0
 
+    def finish_step(self, agreed: Agreement | None) -> None:
+        """One optimizer step done; ``agreed`` (when the ranks agreed in it) brings the global losses since the last."""
+        self.step += 1
+        self.epoch_step += 1
+        if agreed is not None:
+            self.loss_sum += sum(agreed.loss_sums)
+            self.loss_count += sum(agreed.counts)
+
+    def finish_epoch(self, val_acc1: float) -> bool:
+        """The epoch in progress is done and evaluated; returns whether it is the best so far."""
+        is_best = val_acc1 > self.best_acc1
+        self.best_acc1 = max(self.best_acc1, val_acc1)
+        self.epoch, self.epoch_step, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
+        return is_best
+
+    @property
+    def train_loss(self) -> float:
+        """Mean training loss of the epoch so far, over every sample of every rank."""
+        return self.loss_sum / max(self.loss_count, 1)
+
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+@dataclass
+class TrainLoop:
+    """What the training loop needs, built once by the entry script and handed to every epoch."""
+
+    model: nn.Module  # as trained: wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    device: torch.device
+    steps_per_epoch: int
+    log_enabled: bool = True  # rank 0 prints the step lines
+    checkpointer: Checkpointer | None = None  # for mid-epoch checkpoints (train.checkpoint_every_steps)
+    faults: FaultInjector | None = None  # test-only fault injection (debug.*)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    stopped: bool  # a stop signal ended the epoch early (a checkpoint is due before exiting)
+    steps: int  # optimizer steps run (fewer than an epoch after a resume or a stop)
+    seconds: float
 
 
 def amp_dtype(amp: str) -> torch.dtype | None:
@@ -58,107 +106,79 @@ def _to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -
     return batch.to(device, non_blocking=True, memory_format=memory_format)
 
 
-def mid_epoch_checkpoint_due(steps_done: int, epoch_steps_done: int, cfg: TrainConfig, steps_per_epoch: int) -> bool:
-    """Whether a mid-epoch checkpoint follows the step that makes ``steps_done``: the one rule the entry script
-    saves by and the agreement schedule reads (the ranks must agree before every save)."""
-    every = cfg.checkpoint_every_steps
-    return every > 0 and steps_done % every == 0 and epoch_steps_done < steps_per_epoch
-
-
-def _agree_at_step(state: TrainState, cfg: TrainConfig, steps_per_epoch: int, first_step: bool) -> bool:
-    """Whether the ranks agree (stop signal, losses) in step ``state.step``: every ``cfg.agree_every_steps``
-    steps, and always at the first step ``train_one_epoch`` runs (the epoch's first, or the first after a
-    resume: a broken setup shows at once, and the first log line has a loss), before a checkpoint (a NaN loss
-    stops the run before it reaches one) and at the epoch's end (its loss is complete).
-    Every rank computes the same answer from the same numbers: no rank is left waiting in the all-reduce.
-    """
-    done, epoch_done = state.step + 1, state.epoch_step + 1  # once this step is done
-    return (
-        first_step
-        or done % cfg.agree_every_steps == 0
-        or epoch_done == steps_per_epoch
-        or mid_epoch_checkpoint_due(done, epoch_done, cfg, steps_per_epoch)
-    )
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    state: TrainState,
-    cfg: TrainConfig,
-    steps_per_epoch: int,
-    device: torch.device,
-    stop_flags: StopFlags,
-    faults: FaultInjector,
-    log_enabled: bool,
-    on_step_end: Callable[[], None],
-) -> bool:
-    """Run the optimizer steps left in ``state.epoch``; return True when a stop signal asked to end early."""
+def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop: StopSignal) -> EpochResult:
+    """Run the optimizer steps left in ``state.epoch`` (from ``state.epoch_step`` on, so a resume continues at
+    the same sample); ends early, with ``stopped``, when the ranks agree that a stop signal arrived."""
+    cfg, model, accum = loop.cfg, loop.model, loop.cfg.accumulate_steps
+    start, steps_before = time.perf_counter(), state.epoch_step
     model.train()
-    accum = cfg.accumulate_steps
-    micro_batches = (steps_per_epoch - state.epoch_step) * accum
-    header = f"epoch {state.epoch + 1}/{cfg.epochs}"
-    metric_logger = MetricLogger(header, cfg.print_freq, log_enabled, cfg.progress_bar)
-    step_loss, step_count = torch.zeros((), device=device), 0  # this rank's loss sum and samples in this step
-    window_losses: list[torch.Tensor] = []  # ... of each step since the ranks last agreed
-    window_counts: list[int] = []
+    loader.sampler.set_epoch(state.epoch, start_index=state.epoch_step * accum * loader.batch_size)
+    micro_batches = (loop.steps_per_epoch - state.epoch_step) * accum
+    metric_logger = MetricLogger(f"epoch {state.epoch + 1}/{cfg.epochs}", cfg.print_freq, loop.log_enabled,
+                                 cfg.progress_bar)
+    window = LossWindow(loop.device)
     batches = itertools.islice(loader, micro_batches)
     for i, (images, targets) in enumerate(metric_logger.log_every(batches, micro_batches, loader.batch_size)):
-        if i % accum == 0:
-            faults.before_step(state.step)
-        images, targets = _to_device(images, device, cfg.channels_last), targets.to(device, non_blocking=True)
+        if loop.faults is not None and i % accum == 0:
+            loop.faults.before_step(state.step)
+        images, targets = _to_device(images, loop.device, cfg.channels_last), targets.to(loop.device, non_blocking=True)
         last_micro_step = (i + 1) % accum == 0
         # gradients are all-reduced only on the micro-step that ends an accumulation window
         sync_context = nullcontext() if last_micro_step or not isinstance(model, DDP) else model.no_sync()
+        pending = None
         with sync_context:
-            with _autocast(device, cfg.amp):
+            with _autocast(loop.device, cfg.amp):
                 loss = F.cross_entropy(model(images), targets, label_smoothing=cfg.label_smoothing)
-            loss = faults.corrupt_loss(loss, state.step)
-            step_loss += loss.detach().float() * len(targets)
-            step_count += len(targets)
-            agreement = None
+            if loop.faults is not None:
+                loss = loop.faults.corrupt_loss(loss, state.step)
+            window.add(loss, len(targets))
             if last_micro_step:
-                window_losses.append(step_loss)
-                window_counts.append(step_count)
-                step_loss, step_count = torch.zeros((), device=device), 0
-                if _agree_at_step(state, cfg, steps_per_epoch, first_step=i + 1 == accum):
-                    # the ranks agree on (stop, each step's global loss) while the backward runs
-                    agreement = stop_flags.start_sync(window_losses, window_counts)
-                    window_losses, window_counts = [], []
-            scaler.scale(loss / accum).backward()
+                window.end_step()
+                first_step = i + 1 == accum
+                if first_step or agree_after_step(state.step + 1, state.epoch_step + 1, cfg, loop.steps_per_epoch):
+                    pending = window.start_agreement(stop.requested)  # overlaps the backward below
+            loop.scaler.scale(loss / accum).backward()
         if not last_micro_step:
             continue
 
-        agreed = agreement() if agreement is not None else None
+        agreed = pending() if pending is not None else None
         if agreed is not None and (bad := agreed.first_nonfinite()) is not None:
             bad_step = state.step - len(agreed.loss_sums) + 1 + bad
             raise NonFiniteLossError(
                 f"loss is NaN or infinite at step {bad_step} (epoch {state.epoch + 1}); stopping. "
                 "Lower train.lr, enable train.clip_grad_norm, or check the data"
             )
-        if cfg.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-
-        state.step += 1
-        state.epoch_step += 1
+        _optimizer_step(loop)
+        state.finish_step(agreed)
         if agreed is not None:
-            state.loss_sum += sum(agreed.loss_sums)
-            state.loss_count += sum(agreed.counts)
             for total, n in zip(agreed.loss_sums, agreed.counts):
                 metric_logger.update(loss=total / max(n, 1))
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        on_step_end()
+        metric_logger.update(lr=loop.optimizer.param_groups[0]["lr"])
+        if loop.checkpointer is not None and mid_epoch_checkpoint_due(state.step, state.epoch_step, cfg,
+                                                                      loop.steps_per_epoch):
+            loop.checkpointer.save(state)
         if agreed is not None and agreed.stop:
-            return True
-    return False
+            return EpochResult(True, state.epoch_step - steps_before, time.perf_counter() - start)
+    return EpochResult(False, state.epoch_step - steps_before, time.perf_counter() - start)
+
+
+def _optimizer_step(loop: TrainLoop) -> None:
+    if loop.cfg.clip_grad_norm > 0:
+        loop.scaler.unscale_(loop.optimizer)  # clip the true gradients, not the loss-scaled ones
+        nn.utils.clip_grad_norm_(loop.model.parameters(), loop.cfg.clip_grad_norm)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+
+
+def consistent_bn_buffers(model: nn.Module, cfg: SyncBNConfig) -> None:
+    """Without SyncBN each rank's running stats drift apart: make them agree before they are used or saved.
+
+    With SyncBN they are identical on every rank already, and this does nothing (no collective).
+    """
+    if not cfg.enabled:
+        sync_bn_buffers(model, policy=cfg.buffer_policy)  # a no-op without a process group
 
 
 @torch.no_grad()

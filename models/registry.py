@@ -8,10 +8,9 @@ from collections.abc import Callable
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.errors import ModelError
 
-
-class ModelError(ValueError):
-    """An unknown model name or bad constructor arguments, reported as one line."""
+__all__ = ["MODELS", "ModelError", "build_model", "register_model"]
 
 
 Builder = Callable[..., nn.Module]

@@ -16,8 +16,6 @@ import argparse
 import datetime
 import os
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` impo
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from engine.launch import SpawnError, spawn  # noqa: E402
 from engine.syncbn import SyncBatchNorm  # noqa: E402
 
 CHANNELS = 4
@@ -140,36 +138,17 @@ def _check_and_report(impls: list[str], args: argparse.Namespace, device: torch.
 
 
 def run_spawned(args: argparse.Namespace) -> int:
-    """CPU check: spawn ``--nproc`` gloo processes joined through a file:// rendezvous, with a deadline."""
-    with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{os.path.join(tmp, 'pg_init')}"
-        ctx = mp.spawn(_spawned_entry, args=(args.nproc, init, args), nprocs=args.nproc, join=False)
-        deadline = time.monotonic() + args.timeout + 30
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    print(f"verify_syncbn: timed out after {args.timeout}s", file=sys.stderr)
-                    return 1
-        except mp.ProcessExitedException as err:  # rank 0 exits 1 on FAIL; anything else already printed
-            return 1 if err.exit_code == 1 else 2
-        except mp.ProcessRaisedException as err:
-            print(f"verify_syncbn: a rank raised:\n{err}", file=sys.stderr)
-            return 2
-    return 0
-
-
-def _spawned_entry(rank: int, world_size: int, init_method: str, args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=args.timeout)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    """CPU check: ``--nproc`` gloo processes from the template's spawner, each with a deadline."""
     try:
-        code = _check_and_report(["ours"], args, torch.device("cpu"))
-    finally:
-        dist.destroy_process_group()
-    if code:
-        sys.exit(code)
+        codes = spawn(_spawned_entry, args.nproc, args, timeout_s=args.timeout)
+    except SpawnError as err:
+        print(f"verify_syncbn: {err}", file=sys.stderr)
+        return 2
+    return max(codes)
+
+
+def _spawned_entry(rank: int, world_size: int, args: argparse.Namespace) -> int:
+    return _check_and_report(["ours"], args, torch.device("cpu"))
 
 
 def run_under_torchrun(args: argparse.Namespace) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
 
-from engine.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config
 from engine.distributed import detect_launch_env, first_slurm_host, select_backend
+from engine.errors import LaunchError
 
 
 def write(tmp_path, text: str, name: str = "c.yaml") -> str:
@@ -106,7 +108,7 @@ def test_round_trip_dump_and_plain_data(tmp_path):
     out = tmp_path / "config.yaml"
     dump_config(cfg, str(out))
     assert load_config(str(out)) == cfg
-    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))) == config_to_dict(cfg)  # plain data only
     assert yaml.safe_load(out.read_text())["train"]["epochs"] == 2
 
 
@@ -126,7 +128,7 @@ def test_launch_env_detection():
                                      "SLURM_TASKS_PER_NODE": "8(x2)"})
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.local_world_size) == (9, 16, 1, 8)
     assert (slurm.master_addr, slurm.master_port, slurm.launcher) == ("gpu003", 15000 + 1234, "slurm")
-    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+    with pytest.raises(LaunchError, match="WORLD_SIZE"):
         detect_launch_env(None, {"RANK": "0", "WORLD_SIZE": "two"})
 
 
@@ -138,3 +140,42 @@ def test_slurm_nodelist_parsing_and_backend_choice():
     assert select_backend("auto", cuda_available=True) == "nccl"
     with pytest.raises(ConfigError, match="dist.backend: nccl needs CUDA"):
         select_backend("nccl", cuda_available=False)
+
+
+def _readme_defaults() -> dict[str, str]:
+    """``key -> default`` from the README's config table (rows like ``| `a.b` / `a.c` | 1 / `x` | meaning |``)."""
+    table: dict[str, str] = {}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for line in readme.split("## Config reference", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) < 2 or not cells[0].startswith("`"):
+            continue
+        keys, defaults = cells[0].split(" / "), cells[1].split(" / ")
+        assert len(keys) == len(defaults), f"README row has {len(keys)} keys but {len(defaults)} defaults: {line}"
+        table.update({k.strip("`"): d.strip("`") for k, d in zip(keys, defaults, strict=True)})
+    return table
+
+
+def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_one_source_of_defaults_readme_schema_and_default_yaml_agree():
+    schema = _leaves(config_to_dict(Config()))
+    readme = _readme_defaults()
+    assert sorted(set(schema) - set(readme)) == [], "schema keys missing from the README's config table"
+    assert sorted(set(readme) - set(schema)) == [], "README documents keys the schema does not have"
+    for key, value in schema.items():
+        documented = readme[key] if isinstance(value, str) else yaml.safe_load(readme[key])  # 'off' is a string here
+        assert documented == value, f"README says {key} defaults to {readme[key]}, schema {value!r}"
+    # the shipped default says only what differs from the schema
+    with open("configs/default.yaml", encoding="utf-8") as f:
+        shipped = _leaves(yaml.safe_load(f))
+    same = [key for key, value in shipped.items() if schema[key] == value]
+    assert same == [], f"configs/default.yaml repeats schema defaults: {same}"

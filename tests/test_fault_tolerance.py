@@ -13,19 +13,20 @@ import math
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine.preemption import EXIT_PREEMPTED, Agreement, StopFlags
-from tests.dist_utils import run_distributed
-from tests.launch_utils import (
+from engine.agreement import Agreement, start_agreement
+from engine.launch import spawn
+from engine.preemption import EXIT_PREEMPTED
+from tests.helpers.jobs import (
     run_train,
     run_train_preloaded,
     start_train,
     tiny_overrides,
+    wait_for_file,
     wait_job,
     worker_pids,
     worker_rank,
@@ -114,7 +115,7 @@ def test_sigterm_on_one_rank_preempts_all(tmp_path: Path) -> None:
     proc = start_train(args, nproc=2)
     try:
         workers = worker_pids(proc.pid, 2)
-        _wait_for(run_dir / "checkpoints" / "last.pt", proc)
+        wait_for_file(run_dir / "checkpoints" / "last.pt", proc)
         rank1 = next(pid for pid in workers if worker_rank(pid) == 1)
         os.kill(rank1, signal.SIGTERM)  # a real signal to one non-zero rank, not an injected fault
     finally:
@@ -141,7 +142,7 @@ def test_sigusr1_single_process_exits_75(tmp_path: Path) -> None:
     args = tiny_overrides(run_dir, data__num_train=2048, train__checkpoint_every_steps=4)
     proc = start_train(args, nproc=1)
     try:
-        _wait_for(run_dir / "checkpoints" / "last.pt", proc)
+        wait_for_file(run_dir / "checkpoints" / "last.pt", proc)
         proc.send_signal(signal.SIGUSR1)
     finally:
         rc, out, err = wait_job(proc, timeout=90)
@@ -164,14 +165,6 @@ def test_nan_loss_between_agreements_stops_before_the_next_checkpoint(tmp_path: 
     assert all(t.isfinite().all() for t in saved["model"].values() if t.is_floating_point())
 
 
-def _wait_for(path: Path, proc, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"job ended early with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
-        time.sleep(0.05)
-
-
 # per step, each rank's loss sum; rank 2 receives a stop signal between the two agreements
 AGREEMENT_LOSSES = [[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0], [float("nan"), 2.0, 3.0],
                     [1.0, float("inf"), float("-inf")]]
@@ -179,16 +172,13 @@ AGREEMENT_LOSSES = [[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0], [float("nan"), 2.
 
 def _agreement_worker(rank: int, world_size: int) -> list[Agreement]:
     """Agree on step 0 alone, then on a window of steps 0-3, as the trainer does between its agreements."""
-    flags = StopFlags()
     losses = [torch.tensor(step[rank]) for step in AGREEMENT_LOSSES]
-    first = flags.start_sync(losses[:1], [10 + rank])()
-    if rank == 2:
-        flags.signal_received = signal.SIGTERM
-    return [first, flags.start_sync(losses, [10 + rank, 20, 30 + rank, 5])()]
+    first = start_agreement(False, losses[:1], [10 + rank])()
+    return [first, start_agreement(rank == 2, losses, [10 + rank, 20, 30 + rank, 5])()]
 
 
 def test_every_rank_agrees_on_stop_and_non_finite_loss_whichever_rank_saw_it() -> None:
-    per_rank = run_distributed(_agreement_worker, 3)
+    per_rank = spawn(_agreement_worker, 3)
     assert repr(per_rank[0]) == repr(per_rank[1]) == repr(per_rank[2])  # repr: NaN != NaN
     first, rest = per_rank[0]
     assert first == Agreement(stop=False, loss_sums=[6.0], counts=[33])

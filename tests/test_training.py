@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from data import build_datasets
 from data.loaders import build_val_loader
 from engine.config import load_config
+from engine.launch import spawn
 from engine.trainer import evaluate
 from models import build_model
-from tests.dist_utils import run_distributed
-from tests.launch_utils import run_train, tiny_overrides
+from tests.helpers.jobs import run_train, tiny_overrides
 
 # ----------------------------------------------------------------------------- exact evaluation
 
@@ -50,7 +50,7 @@ def test_evaluation_is_exact_at_world_sizes_1_2_3():
     # 103 samples: world size 2 and 3 do not divide it, so any padded duplicate would change the result
     reference = _reference_metrics()
     for world_size in (1, 2, 3):
-        results = run_distributed(_evaluate_worker, world_size)
+        results = spawn(_evaluate_worker, world_size)
         for metrics in results:
             assert metrics["val_acc1"] == reference["val_acc1"], (world_size, metrics, reference)
             assert metrics["val_acc5"] == reference["val_acc5"], (world_size, metrics, reference)

@@ -1,0 +1,40 @@
+"""The one-line user errors: one base class, so the entry script catches them all in one place.
+
+A ``UserError`` means "the input is wrong" (a key, a file, the launcher's environment, the data), never a bug:
+the entry prints ``error: <message>`` on one line, exits 1 on every rank, and shows no traceback. Anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user fixes by changing an input; the message names the key, file or rank."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem, reported as one line naming the key or file."""
+
+
+class LaunchError(UserError):
+    """The launcher's environment (rank, world size, devices, ports) does not describe a runnable job."""
+
+
+class DataError(UserError, ValueError):
+    """A data problem (missing root, empty folder, class-count mismatch), reported as one line."""
+
+
+class ModelError(UserError, ValueError):
+    """An unknown model name or bad constructor arguments, reported as one line."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read or does not fit this run, named by path."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN or infinite; training stops instead of producing silent garbage."""
+
+
+class RankZeroError(UserError, RuntimeError):
+    """An error rank 0 met while deciding for everyone; every rank re-raises it."""

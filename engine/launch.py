@@ -1,0 +1,77 @@
+"""Spawn N local processes joined by a gloo process group: the one spawner of tests, scripts and benchmarks.
+
+``spawn(fn, world_size, *args)`` returns ``[fn(0, W, *args), ..., fn(W-1, W, *args)]``; ``fn`` must be a
+module-level function (it is pickled into the spawned processes). Each process gets one thread and a process
+group with ``timeout_s``, so a hang fails with the ranks that never reported instead of stalling, and an
+exception comes back with its rank and traceback. Training itself is launched by torchrun or srun, not here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_module
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class SpawnError(RuntimeError):
+    """Some rank raised, died or never reported; the message holds each rank's story."""
+
+
+def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Callable, args: tuple, results) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+    """Every rank's ``fn(rank, world_size, *args)``, computed in ``world_size`` spawned processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "pg_init")
+        procs = [
+            ctx.Process(target=_entry, args=(r, world_size, init_file, timeout_s, fn, args, results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        done: dict[int, Any] = {}
+        errors: list[str] = []
+        try:
+            for _ in range(world_size):
+                rank, ok, payload = results.get(timeout=timeout_s + 60)
+                if ok:
+                    done[rank] = payload
+                else:
+                    errors.append(f"rank {rank} failed:\n{payload}")
+        except queue_module.Empty:
+            missing = sorted(set(range(world_size)) - set(done) - {int(e.split()[1]) for e in errors})
+            errors.append(f"timed out after {timeout_s + 60:.0f}s waiting for ranks {missing}")
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        raise SpawnError("\n".join(errors))
+    return [done[r] for r in range(world_size)]
