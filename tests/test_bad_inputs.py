@@ -23,12 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch_utils import (
+from tests.helpers.checkpoints import RunsCode
+from tests.helpers.jobs import (
     error_lines,
+    is_alive,
     run_train,
     run_train_preloaded,
     start_train,
     tiny_overrides,
+    wait_for_file,
     wait_job,
     worker_pids,
 )
@@ -77,16 +80,6 @@ def truncated_copy(env: Env) -> str:
     return write(env, "truncated.pt", data[: len(data) // 2])
 
 
-class _RunsCode:
-    """Unpickling this would run a shell command; ``weights_only=True`` must refuse it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def copy_of_last(env: Env) -> str:
     """The run's own weights, but from outside its checkpoints folder: a new run, not a resume."""
     return shutil.copy(env.run_dir / "checkpoints" / "last.pt", env.tmp / "copy.pt")
@@ -101,7 +94,7 @@ def truncate_all(env: Env) -> list[str]:
 
 def malicious_checkpoint(env: Env) -> str:
     path = env.tmp / "evil.pt"
-    torch.save({"model": _RunsCode(env.marker)}, path)
+    torch.save({"model": RunsCode(env.marker)}, path)
     return str(path)
 
 
@@ -297,28 +290,12 @@ def test_ctrl_c_stops_the_whole_job(tmp_path: Path) -> None:
     proc = start_train(tiny_overrides(run_dir, train__epochs=50, train__checkpoint_every_steps=2), nproc=2)
     try:
         workers = worker_pids(proc.pid, 2)
-        _wait_for(run_dir / "checkpoints" / "last.pt", proc)
+        wait_for_file(run_dir / "checkpoints" / "last.pt", proc)
         os.killpg(proc.pid, signal.SIGINT)
     finally:
         rc, out, err = wait_job(proc, timeout=60)
     assert rc != 0
     assert "interrupted" in err, err[-3000:]
     for pid in workers:
-        assert not _alive(pid), f"worker {pid} outlived the launcher"
+        assert not is_alive(pid), f"worker {pid} outlived the launcher"
     torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-
-
-def _wait_for(path: Path, proc, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"job ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -16,6 +16,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.logging import LOGGER_NAME
+from tests.helpers.checkpoints import RunsCode
 
 
 def fake_state(step: int, numel: int = 1024) -> dict:
@@ -114,17 +115,9 @@ def test_sigkill_of_the_writer_never_leaves_a_torn_last(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- safe loading and fallback
 
 
-class _RunsCode:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_load_runs_no_code(tmp_path: Path) -> None:
     path, marker = tmp_path / "evil.pt", tmp_path / "CODE_RAN"
-    torch.save({"model": _RunsCode(marker)}, path)
+    torch.save({"model": RunsCode(marker)}, path)
     with pytest.raises(ckpt.CheckpointError, match="evil.pt is unreadable"):
         ckpt.load_checkpoint(str(path))
     assert not marker.exists()

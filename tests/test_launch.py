@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.launch_utils import TRAIN_SCRIPT, child_env, run_train, tiny_overrides, wait_job
+from tests.helpers.jobs import TRAIN_SCRIPT, child_env, run_train, tiny_overrides, wait_job
 
 CONFIG = "configs/default.yaml"
 pytestmark = pytest.mark.slow

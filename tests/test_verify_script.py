@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.launch_utils import REPO_ROOT, child_env
+from tests.helpers.jobs import REPO_ROOT, child_env
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = str(REPO_ROOT / "train_distributed.py")
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -148,6 +148,24 @@ def run_train(
 def error_lines(stderr: str) -> list[str]:
     """The one-line ``error: ...`` / ``error (rank r): ...`` messages a job printed."""
     return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until the running job ``proc`` has written ``path``; fail if the job ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"job ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f}s"
+        time.sleep(0.05)
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting for its parent counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def worker_pids(launcher_pid: int, count: int, timeout: float = 60.0) -> list[int]:
