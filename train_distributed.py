@@ -24,14 +24,15 @@ from data import build_datasets
 from data.loaders import build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
 from engine.config import global_batch_size, load_config
-from engine.distributed import barrier, cleanup, init_distributed, launch_rank, rank0_decides
+from engine.distributed import barrier, cleanup, init_distributed, rank0_decides
 from engine.errors import UserError
 from engine.faults import FaultInjector
-from engine.logging import MetricsWriter, log_banner, log_epoch, setup_logger
+from engine.logging import MetricsWriter, log_banner, log_epoch, print_error, setup_logger
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
 from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm
 from engine.trainer import TrainLoop, TrainState, consistent_bn_buffers, evaluate, train_one_epoch
+from engine.watchdog import watch_steps
 from models import build_model
 
 
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, ctx.device, steps, ctx.is_main, checkpointer,
                      faults=FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
     run_start, first_epoch = time.perf_counter(), state.epoch
-    with StopSignal() as stop, MetricsWriter(cfg.output_dir, ctx.is_main, cfg.train.tensorboard) as writer:
+    with (
+        StopSignal() as stop,
+        MetricsWriter(cfg.output_dir, ctx.is_main, cfg.train.tensorboard) as writer,
+        watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
+    ):
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             trained = train_one_epoch(loop, train_loader, state, stop)
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_time_s": trained.seconds,
                 "epoch_time_s": time.perf_counter() - epoch_start,  # training and evaluation
             }
-            is_best = state.finish_epoch(metrics["val_acc1"])
+            is_best = state.finish_epoch(record)
             checkpointer.save(state, is_best)
             writer.write(record, step=state.epoch)
             per_epoch = (time.perf_counter() - run_start) / (state.epoch - first_epoch)
@@ -143,8 +148,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except UserError as exc:
-        rank = launch_rank()
-        print(f"error{'' if rank == 0 else f' (rank {rank})'}: {exc}", file=sys.stderr, flush=True)
+        print_error(str(exc))
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

@@ -10,12 +10,17 @@ moment leaves either the old or the new complete file, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import glob
 import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -23,10 +28,14 @@ import torch
 from engine.config import Config, config_to_dict, dump_config, global_batch_size
 from engine.distributed import DistContext, gather_objects
 from engine.errors import CheckpointError, ConfigError
-from engine.logging import get_logger
+from engine.faults import FaultInjector
+from engine.logging import get_logger, metrics_path, restore_metrics
 from engine.trainer import TrainState, consistent_bn_buffers
+from engine.watchdog import enter, progress
 
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "run.lock"
+DEAD_HOLDER_WAIT_S = 30.0  # a dead run's forked children (loader workers) may hold its lock a few seconds longer
 _HISTORY = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
 
 
@@ -130,7 +139,7 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
 def has_run_outputs(output_dir: str) -> bool:
     """Whether ``output_dir`` already holds another run's checkpoints or metrics."""
     ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
-    return bool(glob.glob(os.path.join(ckpt_dir, "*.pt"))) or os.path.isfile(os.path.join(output_dir, "metrics.jsonl"))
+    return bool(glob.glob(os.path.join(ckpt_dir, "*.pt"))) or os.path.isfile(metrics_path(output_dir))
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -247,12 +256,22 @@ class Checkpointer:
         self.cfg, self.ctx = cfg, ctx
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.global_batch = global_batch_size(cfg, ctx.world_size)
+        self.faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # test-only
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
+        if self.faults is not None:
+            self.faults.at("before_checkpoint", state.step)
+        enter("in a checkpoint's collectives", in_collective=True)
         consistent_bn_buffers(self.model, self.cfg.syncbn)
         rng = gather_objects(capture_rng_state())  # a collective: every rank passes here
-        if not self.ctx.is_main:
-            return
+        if self.ctx.is_main:
+            enter("writing a checkpoint", in_collective=False)
+            self._write(state, is_best, rng)
+        progress()
+        if self.faults is not None:
+            self.faults.at("after_checkpoint", state.step)
+
+    def _write(self, state: TrainState, is_best: bool, rng: list[dict[str, Any]]) -> None:
         checkpoint = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -290,6 +309,8 @@ class Checkpointer:
         state.load_state_dict(loaded["train_state"])
         if loaded["world_size"] == self.ctx.world_size:  # each rank gets back its own RNG streams
             restore_rng_state(loaded["rng"][self.ctx.rank])
+        if self.ctx.is_main:
+            restore_metrics(self.cfg.output_dir, state.history, finished_epochs=state.epoch)
         get_logger().info(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
 
     def write_config(self) -> None:
@@ -302,9 +323,15 @@ class Checkpointer:
 
 
 def prepare_output_dir(cfg: Config) -> str | None:
-    """Rank 0: make ``output_dir`` writable and pick the checkpoint to resume (None: a fresh run), never
-    clobbering another run's files."""
+    """Rank 0: take the run directory's lock, make ``output_dir`` writable and pick the checkpoint to resume
+    (None: a fresh run), never clobbering another run's files."""
     out = cfg.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror or exc}") from None
+    if not cfg.train.eval_only:  # evaluating a checkpoint writes nothing: it may run beside the training run
+        lock_output_dir(out)  # before anything else here: a refused run must touch nothing
     try:
         os.makedirs(os.path.join(out, CHECKPOINT_DIR), exist_ok=True)
         probe = os.path.join(out, f".write_test_{os.getpid()}")
@@ -339,3 +366,74 @@ def prepare_output_dir(cfg: Config) -> str | None:
             "(or train.resume=auto to continue the run there)"
         )
     return resume
+
+
+# --------------------------------------------------------------------------- one live run per output_dir
+
+_held_locks: dict[str, int] = {}  # output_dir -> open descriptor; the kernel releases the lock when we die
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Hold an exclusive lock on ``output_dir`` for the life of this process (rank 0 of a run).
+
+    ``flock`` on ``<output_dir>/run.lock``, which names the holder (host, pid, start time). A live holder: a
+    one-line error naming it, at once. A dead holder's lock is gone with it (the kernel releases it), so a relaunch,
+    ``torchrun --max-restarts`` or a SLURM requeue takes it over silently; when the file names a dead process of
+    this host whose forked children still hold the lock, it is awaited for up to ``DEAD_HOLDER_WAIT_S``. On a
+    filesystem without working locks (some network filesystems): a warning, and the run goes on unguarded.
+    """
+    key = os.path.abspath(output_dir)
+    if key in _held_locks:
+        return
+    fd = os.open(os.path.join(output_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + DEAD_HOLDER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if _holder_is_dead(holder) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            raise ConfigError(
+                f"output_dir {output_dir} is in use by a live run ({_describe(holder)}); wait for it to end, "
+                "stop it, or choose another output_dir"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            get_logger().warning(f"warning: cannot lock output_dir {output_dir} ({exc.strerror}): this filesystem has "
+                                 "no working file locks; make sure no other run writes there")
+            return
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} started={started}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def _lock_holder(fd: int) -> dict[str, str]:
+    text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
+
+
+def _describe(holder: dict[str, str]) -> str:
+    if not holder:
+        return "holder unknown"
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+
+
+def _holder_is_dead(holder: dict[str, str]) -> bool:
+    """Whether the lock file names a process of this host that no longer runs (its children may still hold it)."""
+    pid = holder.get("pid", "")
+    if holder.get("host") != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

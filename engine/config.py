@@ -93,6 +93,8 @@ class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: float = 300.0
     find_unused_parameters: bool = False
+    step_timeout_s: float = 1800.0  # no step finished for this long: the stuck rank ends the job (0 = off)
+    exit_with_launcher: bool = True  # a worker exits when the process that started it dies
 
 
 @dataclass
@@ -101,7 +103,8 @@ class DebugConfig:
 
     fault_step: int = -1
     fault_rank: int = 0
-    fault_kind: Literal["raise", "exit", "nan", "sigkill"] = "raise"
+    fault_kind: Literal["raise", "exit", "nan", "sigkill", "hang"] = "raise"
+    fault_point: Literal["step", "before_checkpoint", "after_checkpoint"] = "step"  # where, for raise/exit/sigkill/hang
     fault_once: bool = False  # with a marker in output_dir, so a restarted job passes the step
 
 
@@ -266,6 +269,7 @@ def validate(cfg: Config) -> None:
         (cfg.syncbn.enabled or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2, "data.batch_size",
          "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
+        (cfg.dist.step_timeout_s >= 0, "dist.step_timeout_s", "must be >= 0 (0 = off)"),
         (cfg.output_dir.strip() != "", "output_dir", "must not be empty"),
     ]
     for ok, key, message in checks:

@@ -1,4 +1,4 @@
-"""Who am I, which device, which backend; the process group; small collective helpers.
+"""Who am I, which device, which backend; the process group; workers tied to their launcher; collective helpers.
 
 This is the only module that reads the launcher's environment. It understands
 torchrun / ``torch.distributed.launch`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``),
@@ -9,9 +9,15 @@ and a plain ``python train.py`` (one process, no process group at all).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
 import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +128,43 @@ def _slurm_tasks_on_node(environ: Mapping[str, str], world_size: int) -> int:
     return int(match.group(1)) if match else world_size
 
 
+# who started us, read as early as this module loads: (this process, its parent); a process forked later from this
+# one (a preloading fork server) has the importer itself as its parent
+_IMPORTED_BY = (os.getpid(), os.getppid())
+_PR_SET_PDEATHSIG = 1
+
+
+def _expected_parent() -> int:
+    importer, its_parent = _IMPORTED_BY
+    return its_parent if os.getpid() == importer else importer
+
+
+def exit_with_launcher() -> None:
+    """Die with the process that started this one (torchrun's agent, srun's step daemon, the user's shell).
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of the launcher (an OOM killer, a scheduler,
+    ``kill -9`` of its process group) would leave the workers training, and writing checkpoints, as orphans. On
+    Linux the kernel delivers SIGKILL to this process when its parent dies (``PR_SET_PDEATHSIG``); a parent that
+    died before the request took effect is caught by comparing the parent pid with the one seen at import.
+    Elsewhere a daemon thread watches the parent pid once a second. A worker killed this way mid-save leaves no
+    torn checkpoint: files appear by atomic rename only.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != _expected_parent():  # the parent died before the kernel watched it for us
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
+
+
+def _watch_parent() -> None:
+    parent = _expected_parent()
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def select_backend(requested: str, cuda_available: bool) -> str:
     """NCCL on GPUs, gloo on CPUs; an explicit choice that cannot work is an error, not a silent switch."""
     if requested == "auto":
@@ -132,7 +175,10 @@ def select_backend(requested: str, cuda_available: bool) -> str:
 
 
 def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_group_size: int = 0) -> DistContext:
-    """Set the device, create the process group (only when world size > 1) and the SyncBN groups."""
+    """Tie this worker to its launcher, set the device, create the process group (only when world size > 1) and
+    the SyncBN groups."""
+    if cfg.exit_with_launcher:
+        exit_with_launcher()
     env = detect_launch_env(local_rank_arg)
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
         raise LaunchError(f"launcher gave rank {env.rank} of world size {env.world_size}")

@@ -5,6 +5,7 @@ Other ranks log errors only, so an 8-GPU job prints one story, not eight.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -20,7 +21,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from engine.config import Config, global_batch_size
-from engine.distributed import DistContext
+from engine.distributed import DistContext, launch_rank
 
 LOGGER_NAME = "ddp"
 
@@ -39,6 +40,12 @@ def setup_logger(rank: int) -> logging.Logger:
 
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
+
+
+def print_error(message: str) -> None:
+    """The one-line error every rank prints on its way out: ``error: ...`` on rank 0, ``error (rank r): ...`` else."""
+    rank = launch_rank()
+    print(f"error{'' if rank == 0 else f' (rank {rank})'}: {message}", file=sys.stderr, flush=True)
 
 
 def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float) -> None:
@@ -168,7 +175,7 @@ class MetricsWriter:
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = metrics_path(output_dir)
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -195,6 +202,35 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def metrics_path(output_dir: str) -> str:
+    return os.path.join(output_dir, "metrics.jsonl")
+
+
+def restore_metrics(output_dir: str, history: list[dict[str, Any]], finished_epochs: int) -> None:
+    """Make ``metrics.jsonl`` hold exactly one line per finished epoch, in order, after a resume (rank 0).
+
+    ``history`` is the resumed checkpoint's record of each finished epoch: a line the kill prevented comes back
+    from it, and a line written after that checkpoint (its epoch runs again) is dropped. A checkpoint from before
+    records travelled in checkpoints has no history: the file's own lines of the finished epochs are kept.
+    """
+    path = metrics_path(output_dir)
+    records: dict[int, dict[str, Any]] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a kill
+                    record = json.loads(line)
+                    records[int(record["epoch"])] = record
+    records.update({int(r["epoch"]): r for r in history})
+    kept = [records[epoch] for epoch in sorted(records) if epoch <= finished_epochs]
+    if not kept and not os.path.exists(path):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in kept)
+    os.replace(tmp, path)
 
 
 def _tb_tag(key: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +22,7 @@ from engine.faults import FaultInjector
 from engine.logging import MetricLogger
 from engine.preemption import StopSignal
 from engine.syncbn import sync_bn_buffers
+from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
     from engine.checkpoint import Checkpointer
@@ -40,6 +41,7 @@ class TrainState:
     best_acc1: float = -1.0
     loss_sum: float = 0.0  # global (all ranks) train-loss sum of ``epoch`` so far
     loss_count: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
 
     def finish_step(self, agreed: Agreement | None) -> None:
         """One optimizer step done; ``agreed`` (when the ranks agreed in it) brings the global losses since the last."""
@@ -49,11 +51,13 @@ class TrainState:
             self.loss_sum += sum(agreed.loss_sums)
             self.loss_count += sum(agreed.counts)
 
-    def finish_epoch(self, val_acc1: float) -> bool:
-        """The epoch in progress is done and evaluated; returns whether it is the best so far."""
-        is_best = val_acc1 > self.best_acc1
-        self.best_acc1 = max(self.best_acc1, val_acc1)
+    def finish_epoch(self, record: dict[str, Any]) -> bool:
+        """The epoch in progress is done and evaluated (``record``: its metrics line); returns whether it is the
+        best so far. The record travels in every later checkpoint, so a resume can restore ``metrics.jsonl``."""
+        is_best = record["val_acc1"] > self.best_acc1
+        self.best_acc1 = max(self.best_acc1, record["val_acc1"])
         self.epoch, self.epoch_step, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
+        self.history.append(record)
         return is_best
 
     @property
@@ -65,7 +69,7 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
+        for key, value in state.items():  # a checkpoint from before ``history`` existed keeps the default
             setattr(self, key, value)
 
 
@@ -118,9 +122,12 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
                                  cfg.progress_bar)
     window = LossWindow(loop.device)
     batches = itertools.islice(loader, micro_batches)
+    enter("loading data", in_collective=False, step=state.step)
     for i, (images, targets) in enumerate(metric_logger.log_every(batches, micro_batches, loader.batch_size)):
+        enter("in the step, outside collectives", in_collective=False)
         if loop.faults is not None and i % accum == 0:
             loop.faults.before_step(state.step)
+        enter("in forward/backward (SyncBN, gradient all-reduce) or the ranks' agreement", in_collective=True)
         images, targets = _to_device(images, loop.device, cfg.channels_last), targets.to(loop.device, non_blocking=True)
         last_micro_step = (i + 1) % accum == 0
         # gradients are all-reduced only on the micro-step that ends an accumulation window
@@ -139,9 +146,11 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
                     pending = window.start_agreement(stop.requested)  # overlaps the backward below
             loop.scaler.scale(loss / accum).backward()
         if not last_micro_step:
+            enter("loading data", in_collective=False)
             continue
 
         agreed = pending() if pending is not None else None
+        enter("in the optimizer step", in_collective=False)
         if agreed is not None and (bad := agreed.first_nonfinite()) is not None:
             bad_step = state.step - len(agreed.loss_sums) + 1 + bad
             raise NonFiniteLossError(
@@ -150,6 +159,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
             )
         _optimizer_step(loop)
         state.finish_step(agreed)
+        progress()
         if agreed is not None:
             for total, n in zip(agreed.loss_sums, agreed.counts):
                 metric_logger.update(loss=total / max(n, 1))
@@ -159,6 +169,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
             loop.checkpointer.save(state)
         if agreed is not None and agreed.stop:
             return EpochResult(True, state.epoch_step - steps_before, time.perf_counter() - start)
+        enter("loading data", in_collective=False, step=state.step)
     return EpochResult(False, state.epoch_step - steps_before, time.perf_counter() - start)
 
 
@@ -191,8 +202,10 @@ def evaluate(
     so nothing inside the loop may communicate; the only collective is the final sum.
     """
     model.eval()
+    enter("evaluating", in_collective=False)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
     for images, targets in loader:
+        progress()
         images, targets = _to_device(images, device, channels_last), targets.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(images)
@@ -201,6 +214,8 @@ def evaluate(
         hits = top == targets[:, None]
         totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
                                totals.new_tensor(len(targets))])
+    enter("in the evaluation's final sum", in_collective=True)
     loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
+    progress()
     count = max(count, 1)
     return {"val_loss": loss_sum / count, "val_acc1": 100 * top1 / count, "val_acc5": 100 * top5 / count}

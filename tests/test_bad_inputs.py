@@ -212,8 +212,9 @@ def image_root(tmp_path_factory) -> Path:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root``, by relative path (new, lost or changed files all show)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    """sha256 of every file under ``root``, by relative path (new, lost or changed files all show); the run
+    directory's lock file names its latest holder, so it is the one file a later launch may rewrite."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "run.lock")
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

@@ -107,6 +107,20 @@ def test_max_restarts_resumes_after_a_crash(reference: dict, tmp_path: Path) -> 
     assert_same_weights(final["model"], reference["model"])
 
 
+def test_max_restarts_resumes_after_sigkill_of_rank_0(reference: dict, tmp_path: Path) -> None:
+    """torchrun --max-restarts=1: rank 0 (the run-dir lock's holder) is SIGKILLed at step 11; the restarted rank 0
+    takes over the dead holder's lock (its loader worker may hold it a few seconds longer) and the run ends exact."""
+    run_dir = tmp_path / "run"
+    fault = dict(debug__fault_kind="sigkill", debug__fault_rank=0, debug__fault_step=11, debug__fault_once=True)
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2, env=env, launcher_args=["--max-restarts=1"])
+    assert rc == 0, err[-3000:]
+    assert "resumed from" in out
+    final = load_last(run_dir)
+    assert final["step"] == STEPS
+    assert_same_weights(final["model"], reference["model"])
+
+
 def test_sigterm_on_one_rank_preempts_all(tmp_path: Path) -> None:
     """SIGTERM to rank 1 only: both ranks stop at one step, rank 0 saves, both exit 75; the relaunch finishes."""
     run_dir = tmp_path / "run"
