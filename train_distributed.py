@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.syncbn.enabled:
-        model = convert_sync_batchnorm(model, process_group=ctx.sync_group, impl=cfg.syncbn.impl)
+        model = convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
     elif cfg.syncbn.virtual_splits > 1:
         model = convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation

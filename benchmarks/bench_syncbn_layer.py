@@ -7,10 +7,12 @@
 For ResNet-50 BatchNorm shapes (per-process batch 32 at 224px, and batch 2 at a detection resolution of
 800x1216, stride 8/16/32) it times, per layer and side by side (round-robin, median over repeats):
   bn     local nn.BatchNorm2d, forward + backward (the floor of any BatchNorm)
-  ours   engine.syncbn via convert_sync_batchnorm(impl="ours"), forward + backward
+  ours   engine.syncbn via convert_sync_batchnorm(impl="ours", collective="all_gather"), forward + backward
+  ours_ar the same with collective="all_reduce" (one O(C) all-reduce of 2C+1 fp64 sums forward)
   naive  a pure-PyTorch SyncBN as older libraries wrote it: two autograd all_reduces (sum, sum of squares)
   torch  torch.nn.SyncBatchNorm (GPU only: it refuses CPU tensors once a process group exists)
   coll   the bare collectives ours issues: all_gather of 2C+1 floats (forward) + all_reduce of 2C floats (backward)
+  coll_ar the bare collectives ours_ar issues: all_reduce of 2C+1 doubles (forward) + all_reduce of 2C floats
   limit  bn followed by the forward collective, its backward followed by the backward collective: ranks wait for
          each other twice per step, as in any SyncBN, so jitter between ranks is paid here too (the lockstep floor)
 and the goal ratio (ours - bn) / coll <= 1.2: what the layer adds on top of local BatchNorm is at most
@@ -115,7 +117,7 @@ def _gather_forms(C: int, device: torch.device, world: int, bn_step_parts: tuple
     bwd = torch.randn(2 * C, device=device)
     out = torch.empty(world * (2 * C + 1), device=device)
     rows = list(torch.empty(world, 2 * C + 1, device=device).unbind(0))
-    red = torch.randn(2 * C + 1, device=device)
+    red = torch.randn(2 * C + 1, device=device, dtype=torch.float64)
     naive_a, naive_b = torch.randn(C, device=device), torch.randn(C, device=device)
 
     def gather_single():
@@ -146,7 +148,7 @@ def _gather_forms(C: int, device: torch.device, world: int, bn_step_parts: tuple
         "limit": limit,
         "coll": lambda: (gather_single(), reduce_bwd()),  # what engine/syncbn.py issues (checked below)
         "gather_list+reduce": lambda: (gather_list(), reduce_bwd()),
-        "reduce2C+1+reduce": lambda: (reduce_fwd(), reduce_bwd()),
+        "coll_ar": lambda: (reduce_fwd(), reduce_bwd()),  # what the all_reduce path issues
         "naive_coll": naive4,
     }
 
@@ -178,7 +180,8 @@ def bench_rank(rank: int, world: int, shapes: list, repeats: int, opts: dict, de
         grad = torch.randn_like(x)
         variants = {
             "bn": nn.BatchNorm2d(c).to(device),
-            "ours": convert_sync_batchnorm(nn.BatchNorm2d(c), impl="ours").to(device),
+            "ours": convert_sync_batchnorm(nn.BatchNorm2d(c), impl="ours", collective="all_gather").to(device),
+            "ours_ar": convert_sync_batchnorm(nn.BatchNorm2d(c), impl="ours", collective="all_reduce").to(device),
             "naive": NaiveSyncBatchNorm(c).to(device),
         }
         if device.type == "cuda":
@@ -190,18 +193,7 @@ def bench_rank(rank: int, world: int, shapes: list, repeats: int, opts: dict, de
         iters = max(1, min(20, int(4e6 // elems)))  # ~4M values per timed block
         times = interleaved_times(fns, repeats, iters, device, barrier=dist.barrier)
         results.append({"label": label, "shape": (n, c, h, w), "times": times})
-    return {"backend": backend, "results": results, "form": _ours_collective_form()}
-
-
-def _ours_collective_form() -> str:
-    """Which forward collective engine.syncbn issues on this backend (it caches the decision per backend)."""
-    try:
-        from engine import syncbn
-
-        ok = getattr(syncbn, "_GATHER_INTO_TENSOR_OK", {})
-        return ", ".join(f"{b}: {'all_gather_into_tensor' if v else 'list all_gather'}" for b, v in ok.items()) or "?"
-    except Exception:  # noqa: BLE001 - internals may change; the report just says unknown
-        return "?"
+    return {"backend": backend, "results": results}
 
 
 def _report(per_rank: list[dict], args: argparse.Namespace) -> bool:
@@ -213,7 +205,8 @@ def _report(per_rank: list[dict], args: argparse.Namespace) -> bool:
     has_torch = "torch" in per_rank[0]["results"][0]["times"]
     if has_torch:
         headers.append("torch ms")
-    headers += ["coll ms", "limit ms", "(ours-bn)/coll", "goal<=1.2", "(limit-bn)/coll", "ours/limit", "naive/ours"]
+    headers += ["coll ms", "limit ms", "(ours-bn)/coll", "goal<=1.2", "(limit-bn)/coll", "ours/limit", "naive/ours",
+                "ours_ar ms", "coll_ar ms", "(ours_ar-bn)/coll_ar", "ours_ar/ours"]
     rows, alt_rows, all_ok = [], [], True
     for i, res in enumerate(per_rank[0]["results"]):
         # a repeat ends when the slowest rank ends: take the max over ranks, repeat by repeat
@@ -229,15 +222,17 @@ def _report(per_rank: list[dict], args: argparse.Namespace) -> bool:
             row.append(fmt_stat(t["torch"], 1e3))
         row += [fmt_stat(t["coll"], 1e3), fmt_stat(t["limit"], 1e3), fmt_stat(over, 1, 1), verdict(ok),
                 fmt_stat(limit_over, 1, 1), fmt_stat(ratio_stat(t["ours"], t["limit"]), 1, 2),
-                f"{med(ratio_stat(t['naive'], t['ours'])):.2f}"]
+                f"{med(ratio_stat(t['naive'], t['ours'])):.2f}", fmt_stat(t["ours_ar"], 1e3),
+                fmt_stat(t["coll_ar"], 1e3),
+                fmt_stat(ratio_stat([o - b for o, b in zip(t["ours_ar"], t["bn"])], t["coll_ar"]), 1, 1),
+                fmt_stat(ratio_stat(t["ours_ar"], t["ours"]), 1, 2)]
         rows.append(row)
         alt_rows.append([res["label"], fmt_stat(t["coll"], 1e3, 4), fmt_stat(t["gather_list+reduce"], 1e3, 4),
-                         fmt_stat(t["reduce2C+1+reduce"], 1e3, 4), fmt_stat(t["naive_coll"], 1e3, 4)])
+                         fmt_stat(t["coll_ar"], 1e3, 4), fmt_stat(t["naive_coll"], 1e3, 4)])
     print_table(headers, rows, "SyncBN layer, forward + backward (median [min-max] over repeats)")
     print_table(["layer", "gather_into_tensor+all_reduce ms", "list all_gather+all_reduce ms",
-                 "all_reduce(2C+1)+all_reduce ms", "naive 4x all_reduce(C) ms"], alt_rows,
+                 "all_reduce(2C+1 fp64)+all_reduce ms", "naive 4x all_reduce(C) ms"], alt_rows,
                 "Bare collectives, by form (forward 2C+1 floats + backward 2C floats)")
-    print(f"\nours' forward collective on this run: {per_rank[0]['form']}")
     print(f"goal (ours - bn) / coll <= {GOAL} on every layer: {verdict(all_ok)}")
     return all_ok
 

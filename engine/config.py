@@ -83,6 +83,7 @@ class TrainConfig:
 class SyncBNConfig:
     enabled: bool = True
     impl: Literal["auto", "torch", "ours"] = "auto"
+    collective: Literal["auto", "all_gather", "all_reduce"] = "auto"  # ours: the forward collective (auto: by world size)
     group_size: int = 0  # 0 = the whole world; k = groups of k consecutive ranks
     virtual_splits: int = 1  # >1: ghost BatchNorm (only with enabled: false)
     buffer_policy: Literal["broadcast", "reduce"] = "broadcast"  # SyncBN off: make BN buffers consistent

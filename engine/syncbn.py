@@ -17,15 +17,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "AnyDimBatchNorm",
     "GhostBatchNorm",
     "SyncBatchNorm",
+    "check_values_per_channel",
+    "choose_collective",
     "convert_ghost_batchnorm",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
@@ -33,9 +35,8 @@ __all__ = [
 ]
 
 _VALID_IMPLS = ("auto", "torch", "ours")
+_VALID_COLLECTIVES = ("auto", "all_gather", "all_reduce")
 _VALID_POLICIES = ("broadcast", "reduce")
-# backend name -> whether the single-tensor all-gather works there (decided once, on first use).
-_GATHER_INTO_TENSOR_OK: dict[str, bool] = {}
 
 
 # --------------------------------------------------------------------------------------------- small helpers
@@ -75,65 +76,87 @@ def _per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _all_gather_rows(vec: Tensor, group: Any, world_size: int) -> Tensor:
-    """Gather a 1-D tensor from every rank as rows of a (world_size, len) tensor, in one collective.
-
-    The single-tensor form is the cheapest; a backend that lacks it raises before communicating, so every rank
-    falls back to the list form together and the decision is cached per backend.
-    """
-    out = vec.new_empty(world_size, vec.numel())
-    backend = str(dist.get_backend(group))
-    if _GATHER_INTO_TENSOR_OK.get(backend, True):
-        gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        try:
-            gather_single(out.view(-1), vec, group=group)
-            _GATHER_INTO_TENSOR_OK[backend] = True
-            return out
-        except (RuntimeError, NotImplementedError):
-            if _GATHER_INTO_TENSOR_OK.get(backend):  # it worked before: this is a real failure
-                raise
-            _GATHER_INTO_TENSOR_OK[backend] = False
-    dist.all_gather(list(out.unbind(0)), vec, group=group)
-    return out
-
-
 # --------------------------------------------------------------------------------------------- the math
 
 
-def _local_moments(x: Tensor, stat_dtype: torch.dtype) -> Tensor:
-    """Packed [count, mean(C), M2(C)] of this rank; an empty rank sends zeros, which the combine ignores.
+def choose_collective(collective: str, world_size: int) -> str:
+    """``"auto"``: the forward collective that moves fewer bytes per rank at this world size.
+
+    Per statistic, the all-gather receives W-1 fp32 values on each rank; a ring all-reduce of one fp64 value sends
+    and receives 2(W-1)/W of it, i.e. 16(W-1)/W bytes against 4(W-1): equal at W=4, so from W=4 up ``all_reduce``.
+    Above a few ranks the all-gather's message grows with W and the all-reduce's stays O(C) (and can use
+    in-network reduction).
+    """
+    if collective not in _VALID_COLLECTIVES:
+        raise ValueError(f"SyncBatchNorm: collective must be one of {', '.join(_VALID_COLLECTIVES)}; got {collective!r}")
+    if collective != "auto":
+        return collective
+    return "all_reduce" if world_size >= 4 else "all_gather"
+
+
+def _reduce_dtype(device: torch.device) -> torch.dtype:
+    """fp64 for the all-reduce's sums wherever the device has it (MPS has not: fp32 there, with the shared shift)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _local_moments(x: Tensor, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's (count, mean, M2) per channel; an empty rank has count 0 and zeros, which the combine ignores.
 
     Mean and sum of squared deviations (not sum and sum of squares) keep a large common offset from cancelling.
     """
     channels = x.size(1)
     count = x.numel() // channels
     if count == 0:
-        return torch.zeros(2 * channels + 1, dtype=stat_dtype, device=x.device)
+        zeros = x.new_zeros(channels, dtype=stat_dtype)
+        return zeros.new_zeros(()), zeros, zeros
     # the fused single-pass (Welford) kernel BatchNorm itself uses: ~3x faster than var_mean on CPU, as stable
     mean, var = torch.batch_norm_update_stats(x.to(stat_dtype), None, None, 0.0)
-    return torch.cat([mean.new_full((1,), float(count)), mean, var * count])
+    return mean.new_full((), float(count)), mean, var * count
 
 
-def _combine_moments(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Chan's parallel formula over ranks: (global count, global mean, global M2), the same bits on every rank.
+def _gathered_moments(x: Tensor, stat_dtype: torch.dtype, group: Any, world_size: int) -> tuple[Tensor, ...]:
+    """All-gather every rank's (count, mean, M2), combined by Chan's parallel formula: (W-1)(2C+1) values received.
 
     Every rank runs the same ops on the same gathered tensor, so the result (and hence the running buffers) is
     identical everywhere and DDP's buffer broadcast is unnecessary.
     """
-    counts = gathered[:, :1]
-    means = gathered[:, 1 : 1 + channels]
-    m2s = gathered[:, 1 + channels :]
+    count, mean, m2 = _local_moments(x, stat_dtype)
+    channels = mean.numel()
+    rows = funcol.all_gather_single(torch.cat([count.view(1), mean, m2]), 0, group).view(world_size, -1)
+    counts, means, m2s = rows[:, :1], rows[:, 1 : 1 + channels], rows[:, 1 + channels :]
     total = counts.sum()
     mean = (counts * means).sum(0) / total.clamp(min=1)
     m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
     return total, mean, m2
 
 
-def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased_var: Tensor, factor: float | Tensor
-) -> None:
-    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
-    running_var.mul_(1 - factor).add_(unbiased_var.to(running_var.dtype) * factor)
+def _reduced_moments(x: Tensor, stat_dtype: torch.dtype, shift: Tensor | None, group: Any) -> tuple[Tensor, ...]:
+    """One all-reduce (SUM) of 2C+1 values, whatever the world size: ``[n, n(mean-K), M2 + n(mean-K)^2]`` in fp64.
+
+    Summed over ranks these are N, N(mean_g - K) and M2_g + N(mean_g - K)^2, so the global mean and M2 follow
+    exactly. ``K`` must be the same on every rank: the running mean (identical on every rank under SyncBN, and
+    close to the batch mean once training has begun, which keeps the subtraction small even in fp32), or 0 without
+    running statistics (fp64 holds a 1e4 offset on unit variance to ~1e-8 relative).
+    """
+    count, mean, m2 = _local_moments(x, stat_dtype)
+    rd = _reduce_dtype(x.device)
+    k = shift.detach().to(rd) if shift is not None else mean.new_zeros(mean.shape, dtype=rd)
+    n, d = count.to(rd), mean.to(rd) - k
+    sums = funcol.all_reduce(torch.cat([n.view(1), n * d, m2.to(rd) + n * d * d]), "sum", group)
+    channels = mean.numel()
+    total, s1, s2 = sums[0], sums[1 : 1 + channels], sums[1 + channels :]
+    shifted_mean = s1 / total.clamp(min=1)
+    m2 = (s2 - s1 * shifted_mean).clamp(min=0)
+    return total.to(stat_dtype), (k + shifted_mean).to(stat_dtype), m2.to(stat_dtype)
+
+
+def _update_running_stats(bn: _BatchNorm, mean: Tensor, m2: Tensor, count: Tensor, factor: float | Tensor) -> None:
+    """Running mean and unbiased variance, with no host read: a global count of 0 or 1 leaves them unchanged."""
+    with torch.no_grad():
+        rm, rv = bn.running_mean, bn.running_var
+        f = torch.where(count > 1, torch.as_tensor(factor, dtype=rm.dtype, device=rm.device), 0.0).to(rm.dtype)
+        rm.mul_(1 - f).add_(mean.to(rm.dtype) * f)
+        rv.mul_(1 - f).add_((m2 / (count - 1).clamp(min=1)).to(rv.dtype) * f)
 
 
 def _affine_of_x(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -145,29 +168,15 @@ def _affine_of_x(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bi
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
-def _global_count(total: Tensor, input: Tensor, world_size: int) -> int:
-    """The one host read in the layer: the global count, which decides the count-0 and count-1 cases.
-
-    It is read after the forward collective, so every rank sees the same value and raises (or not) together:
-    no rank is left waiting in a collective that another skipped. Counts travel in the statistics dtype, so they
-    are exact up to 2**24 samples per channel in fp32; beyond that the relative error is ~1e-7, harmless here.
-    """
-    count = int(round(total.item()))
-    if count == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()} "
-            f"(1 value per channel in total over the {world_size} ranks of the process group)"
-        )
-    return count
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Global-batch BatchNorm: one all-gather of (2C+1) moments forward, one all-reduce of 2C sums backward.
+    """Global-batch BatchNorm: one collective forward (all-gather or all-reduce of 2C+1 moments), one all-reduce of
+    2C sums backward; returns (output, global mean, global M2, global count), the last three non-differentiable.
 
     Every full-size pass runs one of BatchNorm's fused kernels, so apart from its two collectives the layer costs
     what local BatchNorm costs: statistics (one pass) and normalisation (one pass) forward; the local sums (one
     pass) and dx (two passes) backward. Parameters and statistics are handed to the kernels in the statistics
-    dtype, which is also how BatchNorm runs a bf16/fp16 input with fp32 parameters.
+    dtype, which is also how BatchNorm runs a bf16/fp16 input with fp32 parameters. The collectives are functional
+    collectives and nothing is read on the host, so dynamo traces the layer whole (``fullgraph=True``).
     """
 
     @staticmethod
@@ -176,41 +185,40 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
+        shift: Tensor | None,
         eps: float,
-        factor: float | Tensor,
         group: Any,
         world_size: int,
-    ) -> Tensor:
-        channels, sd = x.size(1), _stat_dtype(x.dtype)
-        gathered = _all_gather_rows(_local_moments(x, sd), group, world_size)
-        total, mean, m2 = _combine_moments(gathered, channels)
-        count = _global_count(total, x, world_size)
-        var = m2 / max(count, 1)
-        if count > 1 and running_mean is not None and running_var is not None:
-            _update_running_stats(running_mean, running_var, mean, m2 / (count - 1), factor)
+        collective: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sd = _stat_dtype(x.dtype)
+        if collective == "all_reduce":
+            count, mean, m2 = _reduced_moments(x, sd, shift, group)
+        else:
+            count, mean, m2 = _gathered_moments(x, sd, group, world_size)
+        var = m2 / count.clamp(min=1)  # biased; a global count of 1 gives 0, never NaN
         weight_sd = None if weight is None else weight.to(sd)
-        ctx.save_for_backward(x, weight_sd, mean, var)
-        ctx.group, ctx.count, ctx.eps = group, count, eps
+        ctx.save_for_backward(x, weight_sd, mean, var, count)
+        ctx.group, ctx.eps = group, eps
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _affine_of_x(x, mean, var, weight_sd, None if bias is None else bias.to(sd), eps)
+        ctx.mark_non_differentiable(mean, m2, count)
+        out = _affine_of_x(x, mean, var, weight_sd, None if bias is None else bias.to(sd), eps)
+        return out, mean, m2, count
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:
         # Autograd calls this on an empty rank too (its output is part of the loss graph, with an empty grad), so
         # every rank enters the all-reduce. Whether the input needs a grad is decided by the graph, not the data,
         # so all ranks skip it together when it does not (then only the local parameter grads are needed).
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, count = ctx.saved_tensors
         if x.numel() > 0:
             # with the global statistics as "running" stats, the inference backward's parameter grads are exactly
             # this rank's sum(dy * xhat) and sum(dy), in one fused pass (also without a weight)
             # (empty save_mean/save_invstd mean "use the running stats"; CUDA asserts they are defined)
-            unused = mean.new_empty(0)
+            empty = mean.new_empty(0)
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, mean, var, unused, unused, False, ctx.eps, [False, True, True]
+                grad_out, x, weight, mean, var, empty, empty, False, ctx.eps, [False, True, True]
             )
         else:
             sum_dy_xhat, sum_dy = torch.zeros_like(mean), torch.zeros_like(mean)
@@ -219,25 +227,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         grad_x = None
         if need_x:
-            sums = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(sums, group=ctx.group)
-            mean_dy, mean_dy_xhat = (sums / max(ctx.count, 1)).chunk(2)
+            sums = funcol.all_reduce(torch.cat([sum_dy, sum_dy_xhat]), "sum", ctx.group)
+            mean_dy, mean_dy_xhat = (sums / count.clamp(min=1)).chunk(2)
             scale = torch.rsqrt(var + ctx.eps)
             scale = scale if weight is None else scale * weight
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)): an affine map of x, plus dy * scale
             grad_x = _affine_of_x(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
             grad_x = grad_x.addcmul_(grad_out, _per_channel(scale, x.dim()))
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-@torch.compiler.disable
-def _sync_batch_norm(*args: Any) -> Tensor:
-    """The layer's only graph break under torch.compile, where its collectives and host read are.
-
-    Dynamo cannot trace c10d collectives or the count's host read inside an autograd.Function; stopping it here
-    gives one clean break per layer (the layers between are compiled) instead of failed trace attempts.
-    """
-    return _SyncBatchNormFunction.apply(*args)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -251,12 +248,16 @@ class SyncBatchNorm(_BatchNorm):
 
     Training with a group of size > 1: mean and biased variance over all samples of all ranks, each rank weighted
     by its sample count (uneven and empty batches are exact); running stats get the global mean and unbiased
-    variance, bit-identical on every rank. Cost: one all-gather forward, one all-reduce backward, and one host read
-    of the global sample count (to raise consistently; see below).
+    variance, bit-identical on every rank. Cost: one collective forward (``collective``: ``"all_gather"`` of every
+    rank's (count, mean, M2), or ``"all_reduce"`` of 2C+1 shifted sums whose size does not grow with the world;
+    ``"auto"`` picks by bytes moved, see :func:`choose_collective`) and one all-reduce backward. Nothing is read
+    on the host, so the CPU queues ahead and ``torch.compile(fullgraph=True)`` traces the layer whole.
 
-    Edge cases, decided after the forward collective so all ranks agree:
-      * global count of 1 value per channel: every rank raises BatchNorm's ``ValueError: Expected more than 1
-        value per channel when training ...`` (instead of NaN on some ranks and a hang on others);
+    Edge cases, identical on every rank since they follow from the global count:
+      * global count of 1 value per channel: outputs are the bias (variance 0, never NaN) and the running stats
+        stay unchanged; the layer counts the event in ``single_value_batches`` and :func:`check_values_per_channel`
+        (the trainer calls it at each agreement, where it reads the host anyway) raises BatchNorm's
+        ``ValueError: Expected more than 1 value per channel when training ...`` on every rank;
       * global count of 0: empty outputs, running_mean/var unchanged (num_batches_tracked still counts the step,
         as BatchNorm does).
 
@@ -279,10 +280,18 @@ class SyncBatchNorm(_BatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        collective: str = "auto",
     ) -> None:
         extra = {} if bias else {"bias": False}  # only pass what older torch versions may not know when needed
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
-        self.process_group = process_group
+        choose_collective(collective, 1)  # reject a bad name now, not at the first training step
+        self.process_group, self.collective = process_group, collective
+        # training forwards whose global batch had one value per channel (BatchNorm's error, raised later)
+        self.register_buffer("single_value_batches", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, collective={self.collective}"
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_at_least_2d(input)
@@ -296,15 +305,40 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         group, world_size = sync
         factor = _count_step(self)
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
-        return _sync_batch_norm(input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
-                                world_size)
+        tracking = self.track_running_stats and self.running_mean is not None
+        out, mean, m2, count = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.running_mean if tracking else None, self.eps, group, world_size,
+            choose_collective(self.collective, world_size),
+        )
+        if tracking:
+            _update_running_stats(self, mean, m2, count, factor)
+        with torch.no_grad():
+            self.single_value_batches.add_((count == 1).to(torch.int64))
+        return out
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None) -> nn.Module:
         """Drop-in for ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, producing this class."""
         return convert_sync_batchnorm(module, process_group, impl="ours")
+
+
+def check_values_per_channel(module: nn.Module) -> None:
+    """Raise BatchNorm's error if a SyncBatchNorm of ``module`` trained on a global batch of one value per channel.
+
+    The layers only count such batches (reading the count in the layer would be a device-to-host sync per layer);
+    the trainer calls this where it reads the host anyway. The count is global, so every rank raises together.
+    """
+    layers = [m for m in module.modules() if isinstance(m, SyncBatchNorm)]
+    if not layers:
+        return
+    seen = torch.stack([m.single_value_batches for m in layers])
+    if bool(seen.any()):
+        for m in layers:
+            m.single_value_batches.zero_()
+        raise ValueError(
+            "Expected more than 1 value per channel when training: a SyncBatchNorm layer got 1 value per channel "
+            "in total over the ranks of its process group (use a larger batch, or drop the last incomplete batch)"
+        )
 
 
 class AnyDimBatchNorm(_BatchNorm):
@@ -408,7 +442,12 @@ def _bias_kwargs(bn: _BatchNorm) -> dict[str, bool]:
 
 
 def _is_on_cuda(bn: _BatchNorm) -> bool:
-    return any(t.is_cuda for t in itertools.chain(bn.parameters(recurse=False), bn.buffers(recurse=False)))
+    return _device_of(bn).type == "cuda"
+
+
+def _device_of(bn: _BatchNorm) -> torch.device:
+    tensor = next(itertools.chain(bn.parameters(recurse=False), bn.buffers(recurse=False)), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _reject_data_parallel(module: nn.Module) -> None:
@@ -420,32 +459,31 @@ def _reject_data_parallel(module: nn.Module) -> None:
         )
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None, impl: str = "auto") -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, process_group: Any | None = None, impl: str = "auto", collective: str = "auto"
+) -> nn.Module:
     """Replace every BatchNorm (root included, also inside DDP) by a synchronised one, keeping its tensors.
 
     ``impl``: "auto" uses torch.nn.SyncBatchNorm for layers on CUDA (its fused kernels) and ours elsewhere,
-    "torch" always torch's, "ours" always ours. Layers already synchronised are left as they are. The original
-    class is remembered in ``_orig_bn_class`` so :func:`revert_sync_batchnorm` can restore it.
+    "torch" always torch's, "ours" always ours. ``collective`` (ours only): the forward collective, see
+    :class:`SyncBatchNorm`. Layers already synchronised are left as they are. The original class is remembered in
+    ``_orig_bn_class`` so :func:`revert_sync_batchnorm` can restore it.
     """
     if impl not in _VALID_IMPLS:
         raise ValueError(f"convert_sync_batchnorm: impl must be one of {', '.join(_VALID_IMPLS)}; got {impl!r}")
+    choose_collective(collective, 1)
     _reject_data_parallel(module)
 
     def build(bn: _BatchNorm) -> nn.Module | None:
         if isinstance(bn, (SyncBatchNorm, nn.SyncBatchNorm)):
             return None
         use_torch = impl == "torch" or (impl == "auto" and _is_on_cuda(bn))
-        cls = nn.SyncBatchNorm if use_torch else SyncBatchNorm
-        new = cls(
-            bn.num_features,
-            bn.eps,
-            bn.momentum,
-            bn.affine,
-            bn.track_running_stats,
-            process_group,
-            device="meta",  # every tensor is replaced by the original's right away
-            **_bias_kwargs(bn),
-        )
+        args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group)
+        if use_torch:
+            new = nn.SyncBatchNorm(*args, device="meta", **_bias_kwargs(bn))  # every tensor is replaced right away
+        else:
+            new = SyncBatchNorm(*args, device="meta", collective=collective, **_bias_kwargs(bn))
+            new.single_value_batches = torch.zeros((), dtype=torch.int64, device=_device_of(bn))
         new._orig_bn_class = getattr(bn, "_orig_bn_class", type(bn))
         return _hand_over(bn, new)
 
@@ -544,7 +582,7 @@ def sync_bn_buffers(module: nn.Module, policy: str = "broadcast", process_group:
         src = 0 if process_group is None else dist.get_global_rank(group, 0)
         dist.broadcast(flat, src=src, group=group)
     else:
-        flat = _pool_buffers(_all_gather_rows(flat, group, world_size), layers)
+        flat = _pool_buffers(funcol.all_gather_single(flat, 0, group).view(world_size, -1), layers)
     with torch.no_grad():
         _unpack_buffers(layers, flat)
 

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 from engine.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
 from engine.config import SyncBNConfig, TrainConfig
 from engine.distributed import all_reduce_sum
-from engine.errors import NonFiniteLossError
+from engine.errors import DataError, NonFiniteLossError
 from engine.faults import FaultInjector
 from engine.logging import MetricLogger
 from engine.preemption import StopSignal
-from engine.syncbn import sync_bn_buffers
+from engine.syncbn import check_values_per_channel, sync_bn_buffers
 from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
@@ -151,12 +151,8 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
 
         agreed = pending() if pending is not None else None
         enter("in the optimizer step", in_collective=False)
-        if agreed is not None and (bad := agreed.first_nonfinite()) is not None:
-            bad_step = state.step - len(agreed.loss_sums) + 1 + bad
-            raise NonFiniteLossError(
-                f"loss is NaN or infinite at step {bad_step} (epoch {state.epoch + 1}); stopping. "
-                "Lower train.lr, enable train.clip_grad_norm, or check the data"
-            )
+        if agreed is not None:
+            _check_agreed(agreed, state, model)
         _optimizer_step(loop)
         state.finish_step(agreed)
         progress()
@@ -171,6 +167,22 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
             return EpochResult(True, state.epoch_step - steps_before, time.perf_counter() - start)
         enter("loading data", in_collective=False, step=state.step)
     return EpochResult(False, state.epoch_step - steps_before, time.perf_counter() - start)
+
+
+def _check_agreed(agreed: Agreement, state: TrainState, model: nn.Module) -> None:
+    """What the ranks learn at an agreement and must stop on, together: a non-finite loss, a BatchNorm layer that
+    normalised a global batch of one value per channel (SyncBN counts it on the device; read here, where the
+    agreement has read the host anyway)."""
+    if (bad := agreed.first_nonfinite()) is not None:
+        bad_step = state.step - len(agreed.loss_sums) + 1 + bad
+        raise NonFiniteLossError(
+            f"loss is NaN or infinite at step {bad_step} (epoch {state.epoch + 1}); stopping. "
+            "Lower train.lr, enable train.clip_grad_norm, or check the data"
+        )
+    try:
+        check_values_per_channel(model)
+    except ValueError as exc:
+        raise DataError(f"{exc}; by step {state.step} (data.batch_size, data.drop_last)") from None
 
 
 def _optimizer_step(loop: TrainLoop) -> None:

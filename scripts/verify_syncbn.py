@@ -35,6 +35,7 @@ CASES = {  # name -> trailing dims after (N, C)
     "2d (N,C,H,W)": (5, 6),
     "3d (N,C,D,H,W)": (3, 4, 5),
 }
+OURS = ("ours/all_gather", "ours/all_reduce")  # both forward collectives of engine.syncbn
 METRICS = ("output", "input grad", "weight grad", "bias grad", "running mean", "running var")
 
 
@@ -81,7 +82,11 @@ def verify_case(name: str, impl: str, seed: int, device: torch.device, atol: flo
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5, generator=gen)
         ref.bias.normal_(generator=gen)
-    layer = (SyncBatchNorm if impl == "ours" else nn.SyncBatchNorm)(CHANNELS).to(device)
+    # "ours/<collective>": engine.syncbn on that forward collective; "torch": torch.nn.SyncBatchNorm
+    if impl == "torch":
+        layer = nn.SyncBatchNorm(CHANNELS).to(device)
+    else:
+        layer = SyncBatchNorm(CHANNELS, collective=impl.split("/")[1]).to(device)
     layer.load_state_dict(ref.state_dict())
 
     xr = x.clone().requires_grad_()
@@ -113,14 +118,14 @@ def verify_all(impls: list[str], seed: int, device: torch.device, atol: float) -
 
 
 def print_table(rows: list[Row], world_size: int, atol: float) -> None:
-    head = f"{'case':<16} {'impl':<6} " + " ".join(f"{m:>12}" for m in METRICS) + "  result"
+    head = f"{'case':<16} {'impl':<15} " + " ".join(f"{m:>12}" for m in METRICS) + "  result"
     print(f"SyncBatchNorm vs BatchNorm on the concatenated batch: {world_size} ranks, sizes "
           f"{_uneven_sizes(world_size)}, max abs error, atol {atol:g}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in rows:
         errs = " ".join(f"{e:>12.2e}" for e in r.errors)
-        print(f"{r.case:<16} {r.impl:<6} {errs}  {'PASS' if r.ok else 'FAIL'}")
+        print(f"{r.case:<16} {r.impl:<15} {errs}  {'PASS' if r.ok else 'FAIL'}")
 
 
 def _check_and_report(impls: list[str], args: argparse.Namespace, device: torch.device) -> int:
@@ -148,7 +153,7 @@ def run_spawned(args: argparse.Namespace) -> int:
 
 
 def _spawned_entry(rank: int, world_size: int, args: argparse.Namespace) -> int:
-    return _check_and_report(["ours"], args, torch.device("cpu"))
+    return _check_and_report(list(OURS), args, torch.device("cpu"))
 
 
 def run_under_torchrun(args: argparse.Namespace) -> int:
@@ -161,7 +166,7 @@ def run_under_torchrun(args: argparse.Namespace) -> int:
     timeout = datetime.timedelta(seconds=args.timeout)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     try:
-        return _check_and_report(["ours", "torch"] if cuda else ["ours"], args, device)
+        return _check_and_report([*OURS, "torch"] if cuda else list(OURS), args, device)
     finally:
         dist.destroy_process_group()
 

@@ -11,33 +11,31 @@ failing case does not desynchronise the next; each case is still its own pytest 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from engine.comm_debug import CommLog
 from engine.launch import SpawnError, spawn
 from engine.syncbn import SyncBatchNorm
 
 CHANNELS = 3
 TAILS = {2: (), 3: (4,), 4: (3, 4), 5: (2, 3, 2)}  # trailing dims per input rank
 SIZES = {  # per-rank batch sizes
-    "equal": {2: [4, 4], 3: [3, 3, 3]},
-    "uneven": {2: [5, 2], 3: [4, 1, 3]},
-    "empty": {2: [5, 0], 3: [3, 0, 4]},
-    "ones": {2: [1, 1], 3: [1, 1, 1]},  # each rank alone would be BatchNorm's count-1 error
+    "equal": {2: [4, 4], 3: [3, 3, 3], 4: [2, 2, 2, 2]},
+    "uneven": {2: [5, 2], 3: [4, 1, 3], 4: [4, 1, 3, 2]},
+    "empty": {2: [5, 0], 3: [3, 0, 4], 4: [3, 0, 4, 0]},
+    "ones": {2: [1, 1], 3: [1, 1, 1], 4: [1, 1, 1, 1]},  # each rank alone would be BatchNorm's count-1 error
 }
-Case = Callable[[int, int], None]
+Case = Callable[..., None]  # case(rank, world_size) or case(rank, world_size, path)
 
 
-COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "barrier")
-SENT_ARG = {"all_gather_single": 1, "all_gather_into_tensor": 1, "all_gather": 1, "all_reduce": 0, "broadcast": 0}
-
+PATHS = ("all_gather", "all_reduce")  # SyncBatchNorm's forward collectives: every layer test runs on both
 
 
 def bn_class(ndim: int) -> type[nn.Module]:
@@ -92,28 +90,9 @@ def randomize(bn: nn.Module, seed: int) -> None:
             bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
 
 
-@contextlib.contextmanager
-def count_collectives() -> Iterator[list[tuple[str, int, torch.dtype]]]:
-    """Record (name, numel sent, dtype) of every torch.distributed collective called while active."""
-    calls: list[tuple[str, int, torch.dtype]] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
-
-    def wrap(name: str, fn: Callable) -> Callable:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            idx = SENT_ARG.get(name)
-            sent = args[idx] if idx is not None and len(args) > idx else None
-            calls.append((name, sent.numel() if sent is not None else 0, sent.dtype if sent is not None else None))
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
-        yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+def collectives(log: CommLog) -> list[tuple[str, int, torch.dtype | None]]:
+    """(op, numel contributed, dtype) of each collective a :func:`count_comm` block ran."""
+    return [(c.op, c.numel, c.dtype) for c in log.collectives]
 
 
 def compare_with_bn(
@@ -130,6 +109,7 @@ def compare_with_bn(
     atol: float = 1e-10,
     group: Any = None,
     seed: int = 0,
+    collective: str = "auto",
 ) -> SyncBatchNorm:
     """Train ours on this rank's slice and BatchNormNd on the whole batch; record every mismatch in ``errs``.
 
@@ -141,7 +121,7 @@ def compare_with_bn(
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ref = bn_class(ndim)(CHANNELS, dtype=ref_dtype, **bn_kwargs)
     randomize(ref, seed)
-    ours = SyncBatchNorm(CHANNELS, process_group=group, dtype=param_dtype, **bn_kwargs)
+    ours = SyncBatchNorm(CHANNELS, process_group=group, dtype=param_dtype, collective=collective, **bn_kwargs)
     ours.load_state_dict(ref.state_dict())
     mine = span(sizes, rank)
     for step in range(steps):
@@ -210,31 +190,42 @@ def bn_buffers(model: nn.Module) -> Tensor:
 # --------------------------------------------------------------------------------------------- the case runner
 
 
-def _run_cases(rank: int, world_size: int, cases: tuple[Case, ...]) -> dict[str, str | None]:
+def with_paths(*cases: Case) -> tuple[tuple[Case, str], ...]:
+    """Each case once per forward collective (the case gets it as its third argument)."""
+    return tuple((case, path) for case in cases for path in PATHS)
+
+
+def case_id(entry: tuple[Case, str | None]) -> str:
+    case, path = entry
+    return case.__name__ if path is None else f"{case.__name__}[{path}]"
+
+
+def _run_cases(rank: int, world_size: int, cases: tuple[tuple[Case, str | None], ...]) -> dict[str, str | None]:
     """Every case in this process, in order; a failure is recorded (as its traceback) and the next case still runs."""
     results: dict[str, str | None] = {}
-    for case in cases:
+    for case, path in cases:
         try:
-            case(rank, world_size)
-            results[case.__name__] = None
+            case(rank, world_size) if path is None else case(rank, world_size, path)
+            results[case_id((case, path))] = None
         except Exception:  # noqa: BLE001 - reported per case in the parent
-            results[case.__name__] = traceback.format_exc()
+            results[case_id((case, path))] = traceback.format_exc()
         dist.barrier()
     return results
 
 
 @functools.cache
-def case_results(cases: tuple[Case, ...], world_size: int) -> list[dict[str, str | None]] | SpawnError:
+def case_results(cases: tuple[tuple[Case, str | None], ...], world_size: int) -> list[dict[str, str | None]] | SpawnError:
     """Every rank's results of ``cases`` from one spawned group, computed once and shared by the pytest items."""
     try:
-        return spawn(_run_cases, world_size, cases, timeout_s=60)
+        return spawn(_run_cases, world_size, cases, timeout_s=90)
     except SpawnError as err:  # a hang or crash: every case of this group reports it
         return err
 
 
-def assert_case_passed(cases: tuple[Case, ...], world_size: int, case: Case) -> None:
+def assert_case_passed(cases: tuple[tuple[Case, str | None], ...], world_size: int, entry: tuple[Case, str | None]) -> None:
     results = case_results(cases, world_size)
     if isinstance(results, SpawnError):
         raise results
-    failures = [f"rank {r}:\n{res[case.__name__]}" for r, res in enumerate(results) if res[case.__name__] is not None]
+    key = case_id(entry)
+    failures = [f"rank {r}:\n{res[key]}" for r, res in enumerate(results) if res[key] is not None]
     assert not failures, "\n".join(failures)
