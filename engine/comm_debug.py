@@ -69,16 +69,27 @@ class _Counter(TorchDispatchMode):
 
 
 def _describe(op: str, args: tuple) -> Collective:
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-    first = tensors[0] if tensors else None
-    return Collective(op, first.numel() if first is not None else 0, first.dtype if first is not None else None,
-                      _group_size(args))
+    tensors = list(_tensors(args))
+    if not tensors:
+        return Collective(op, 0, None, _group_size(args))
+    if op == "all_gather":  # its arguments hold the output (every rank's share) and the input (this rank's)
+        sent = min(tensors, key=torch.Tensor.numel)
+        whole = sum(t.numel() for t in tensors) - sent.numel()
+        return Collective(op, sent.numel(), sent.dtype, whole // max(sent.numel(), 1))
+    return Collective(op, tensors[0].numel(), tensors[0].dtype, _group_size(args))
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
 
 
 def _group_size(args: tuple) -> int:
     for arg in args:
-        if isinstance(arg, dist.ProcessGroup):
+        if isinstance(arg, (dist.ProcessGroup, torch.ScriptObject)) and hasattr(arg, "size"):
             return arg.size()
         if isinstance(arg, str):  # functional collectives name their group
             try:
