@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if resume_path is not None:
         checkpointer.resume(resume_path, state)
+    if state.epoch >= cfg.train.epochs:
+        return 0  # a finished run: the checkpointer said so, and how to train longer
     checkpointer.write_config()  # only now: a refused resume must leave the run's files untouched
 
     loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, ctx.device, steps, ctx.is_main, checkpointer,
@@ -148,7 +150,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except UserError as exc:
-        print_error(str(exc))
+        print_error(str(exc), exc.same_on_every_rank)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

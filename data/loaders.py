@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from engine.config import DataConfig
+from engine.distributed import cpus_per_process
 from engine.errors import DataError
 
 
@@ -92,11 +93,20 @@ def _seed_worker(worker_id: int) -> None:
         pass
 
 
+def num_workers(cfg: DataConfig) -> int:
+    """``data.num_workers``, with ``auto``: one CPU per process for the training loop, the rest (at most 8) for
+    loading; 0 (load in the training process) when a process has a single CPU."""
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    return min(8, cpus_per_process() - 1)
+
+
 def _loader_kwargs(cfg: DataConfig, pin_memory: bool) -> dict:
+    workers = num_workers(cfg)
     return {
-        "num_workers": cfg.num_workers,
+        "num_workers": workers,
         "pin_memory": pin_memory,
-        "persistent_workers": cfg.num_workers > 0,
+        "persistent_workers": workers > 0,
         "worker_init_fn": _seed_worker,
     }
 
@@ -131,8 +141,8 @@ def steps_per_epoch(loader: DataLoader, accumulate_steps: int) -> int:
     steps = len(loader) // accumulate_steps
     if steps == 0:
         raise DataError(
-            f"data: {len(loader.dataset)} training samples give no full step of {loader.batch_size} x "
-            f"{loader.sampler.num_replicas} processes x {accumulate_steps} accumulation; "
-            "use fewer processes or a smaller batch"
+            f"data.batch_size: {len(loader.dataset)} training samples give no full step of {loader.batch_size} "
+            f"per process x {loader.sampler.num_replicas} processes x {accumulate_steps} accumulation "
+            f"(train.accumulate_steps); lower data.batch_size or use fewer processes"
         )
     return steps

@@ -21,12 +21,13 @@ class DatasetPair:
     num_classes: int
 
 
-Builder = Callable[[DataConfig, int, int], DatasetPair]
+Builder = Callable[..., DatasetPair]
 DATASETS: dict[str, Builder] = {}
 
 
 def register_dataset(name: str) -> Callable[[Builder], Builder]:
-    """Make ``data.name: <name>`` build this; the builder gets (data config, num_classes, seed)."""
+    """Make ``data.name: <name>`` build this: ``builder(cfg: DataConfig, num_classes: int, seed: int, **data.kwargs)
+    -> DatasetPair``, whose splits yield ``(image tensor, int label)``."""
 
     def wrap(fn: Builder) -> Builder:
         DATASETS[name] = fn
@@ -41,7 +42,12 @@ def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
         close = difflib.get_close_matches(cfg.name, list(DATASETS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise DataError(f"data.name: unknown dataset '{cfg.name}'{hint}; known: {', '.join(sorted(DATASETS))}")
-    pair = DATASETS[cfg.name](cfg, num_classes, seed)
+    try:
+        pair = DATASETS[cfg.name](cfg, num_classes, seed, **cfg.kwargs)
+    except TypeError as exc:
+        if not cfg.kwargs:
+            raise
+        raise DataError(f"data.kwargs: dataset '{cfg.name}' rejected its arguments: {exc}") from None
     if pair.num_classes != num_classes:
         raise DataError(
             f"model.num_classes is {num_classes} but dataset '{cfg.name}' at {cfg.root} has {pair.num_classes} classes"

@@ -51,6 +51,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary in the same directory, fsync, then rename over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint is as readable as the run's other files
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -62,6 +63,12 @@ def atomic_torch_save(obj: Any, path: str) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_link(src: str, dst: str) -> None:
@@ -311,7 +318,14 @@ class Checkpointer:
             restore_rng_state(loaded["rng"][self.ctx.rank])
         if self.ctx.is_main:
             restore_metrics(self.cfg.output_dir, state.history, finished_epochs=state.epoch)
-        get_logger().info(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
+        epochs = self.cfg.train.epochs
+        if state.epoch >= epochs:
+            get_logger().info(
+                f"run complete: {path} has finished all {state.epoch} epochs (train.epochs={epochs}); to train longer "
+                f"set train.epochs to more than {state.epoch}, to start afresh choose another output_dir"
+            )
+        else:
+            get_logger().info(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
 
     def write_config(self) -> None:
         """The resolved config beside the checkpoints (rank 0), so ``--config`` on it reproduces the run."""
@@ -324,14 +338,15 @@ class Checkpointer:
 
 def prepare_output_dir(cfg: Config) -> str | None:
     """Rank 0: take the run directory's lock, make ``output_dir`` writable and pick the checkpoint to resume
-    (None: a fresh run), never clobbering another run's files."""
+    (None: a fresh run), never clobbering another run's files. Evaluation only: just the checkpoint to evaluate."""
+    if cfg.train.eval_only:  # writes nothing, takes no lock: it may run beside the training run
+        return _checkpoint_to_evaluate(cfg)
     out = cfg.output_dir
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror or exc}") from None
-    if not cfg.train.eval_only:  # evaluating a checkpoint writes nothing: it may run beside the training run
-        lock_output_dir(out)  # before anything else here: a refused run must touch nothing
+    lock_output_dir(out)  # before anything else here: a refused run must touch nothing
     try:
         os.makedirs(os.path.join(out, CHECKPOINT_DIR), exist_ok=True)
         probe = os.path.join(out, f".write_test_{os.getpid()}")
@@ -366,6 +381,21 @@ def prepare_output_dir(cfg: Config) -> str | None:
             "(or train.resume=auto to continue the run there)"
         )
     return resume
+
+
+def _checkpoint_to_evaluate(cfg: Config) -> str | None:
+    """``train.resume=PATH``, or with ``auto`` the run's ``last.pt`` / ``best.pt`` (``train.eval_checkpoint``)."""
+    if cfg.train.resume != "auto":
+        load_checkpoint(cfg.train.resume)  # fail here, on rank 0, with the file's name
+        return cfg.train.resume
+    path = os.path.join(cfg.output_dir, CHECKPOINT_DIR, f"{cfg.train.eval_checkpoint}.pt")
+    if os.path.isfile(path):
+        load_checkpoint(path)
+        return path
+    if cfg.model.pretrained:
+        return None
+    raise ConfigError(f"train.eval_only: no {path} to evaluate; train first, point output_dir at a run, "
+                      "or set train.resume=PATH")
 
 
 # --------------------------------------------------------------------------- one live run per output_dir

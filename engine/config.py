@@ -36,7 +36,7 @@ class DataConfig:
     root: str = "./data_cache"
     batch_size: int = 32  # per process
     val_batch_size: int = 0  # per process; 0 = same as batch_size
-    num_workers: int = 2
+    num_workers: int | Literal["auto"] = "auto"  # auto: from the CPUs each process of this node gets
     image_size: int = 32
     augment: bool = True
     drop_last: bool = True
@@ -45,6 +45,7 @@ class DataConfig:
     num_train: int = 4096
     num_val: int = 1024
     channels: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the dataset's builder
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     resume: str = "auto"  # auto | none | path/to/checkpoint.pt
     eval_only: bool = False
+    eval_checkpoint: Literal["last", "best"] = "last"  # eval_only with resume auto: which of output_dir's checkpoints
     checkpoint_every_steps: int = 0  # 0 = end of epoch only
     keep_checkpoints: int = 2
     agree_every_steps: int = 10  # ranks agree on stop signal and losses (NaN check); also before every checkpoint
@@ -128,6 +130,16 @@ def _suggest(key: str, options: list[str], prefix: str) -> str:
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
     return f" (valid keys: {', '.join(prefix + o for o in sorted(options))})"
+
+
+def _suggest_file(path: str) -> str:
+    folder = os.path.dirname(path) or "."
+    try:
+        names = [n for n in os.listdir(folder) if n.endswith((".yaml", ".yml"))]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.6)
+    return f" (did you mean {os.path.join(os.path.dirname(path), close[0])}?)" if close else ""
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -213,7 +225,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}{_suggest_file(path)}")
         try:
             with open(path, encoding="utf-8") as f:
                 raw = yaml.safe_load(f)
@@ -240,7 +252,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1 (it is per process)"),
         (cfg.data.val_batch_size >= 0, "data.val_batch_size", "must be >= 0 (0 = data.batch_size)"),
-        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0 or auto"),
         (cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
         (cfg.data.num_train >= 1, "data.num_train", "must be >= 1"),
         (cfg.data.num_val >= 1, "data.num_val", "must be >= 1"),
@@ -276,8 +288,9 @@ def validate(cfg: Config) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}, got {_lookup(cfg, key)!r}")
-    if cfg.train.eval_only and cfg.train.resume in ("auto", "none") and not cfg.model.pretrained:
-        raise ConfigError("train.eval_only: needs train.resume=PATH (a checkpoint to evaluate) or model.pretrained")
+    if cfg.train.eval_only and cfg.train.resume == "none" and not cfg.model.pretrained:
+        raise ConfigError("train.eval_only: needs a checkpoint: train.resume=auto (output_dir's, see "
+                          "train.eval_checkpoint), train.resume=PATH, or model.pretrained")
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:

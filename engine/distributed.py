@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime
+import json
 import os
 import re
 import signal
@@ -93,7 +94,8 @@ def detect_launch_env(local_rank_arg: int | None = None, environ: Mapping[str, s
             world_size=world_size,
             local_rank=local_rank,
             local_world_size=_int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else world_size,
-            launcher="torchrun",
+            # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK and passes nothing
+            launcher="torchrun" if local_rank_arg is None else "torch.distributed.launch",
             master_addr=environ.get("MASTER_ADDR"),
             master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else None,
         )
@@ -112,6 +114,24 @@ def detect_launch_env(local_rank_arg: int | None = None, environ: Mapping[str, s
             master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 15000 + job_id % 20000,
         )
     return LaunchEnv(rank=0, world_size=1, local_rank=local_rank_arg or 0, local_world_size=1, launcher="single")
+
+
+def record_error_for_launcher(message: str) -> None:
+    """Hand ``message`` to torchrun's error-file protocol, so its failure summary names it as the root cause
+    (instead of "To enable traceback see ..."); a no-op under other launchers."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}  # shown as the failure's "traceback"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": message, "extraInfo": info}}, f)
+
+
+def cpus_per_process(environ: Mapping[str, str] | None = None) -> int:
+    """The CPUs this process may use, shared by the processes the launcher started on this node."""
+    environ = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    text = environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    return max(1, cpus // max(1, int(text) if text.isdigit() else 1))
 
 
 def launch_rank(environ: Mapping[str, str] | None = None) -> int:

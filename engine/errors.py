@@ -11,6 +11,9 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem the user fixes by changing an input; the message names the key, file or rank."""
 
+    # every rank meets it alike (a config, a shared file, an agreed decision): only rank 0 prints it
+    same_on_every_rank = True
+
 
 class ConfigError(UserError, ValueError):
     """A config problem, reported as one line naming the key or file."""
@@ -18,6 +21,8 @@ class ConfigError(UserError, ValueError):
 
 class LaunchError(UserError):
     """The launcher's environment (rank, world size, devices, ports) does not describe a runnable job."""
+
+    same_on_every_rank = False  # e.g. one rank without a GPU: that rank says so
 
 
 class DataError(UserError, ValueError):

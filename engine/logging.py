@@ -21,7 +21,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from engine.config import Config, global_batch_size
-from engine.distributed import DistContext, launch_rank
+from engine.distributed import DistContext, launch_rank, record_error_for_launcher
 
 LOGGER_NAME = "ddp"
 
@@ -42,10 +42,14 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
-def print_error(message: str) -> None:
-    """The one-line error every rank prints on its way out: ``error: ...`` on rank 0, ``error (rank r): ...`` else."""
+def print_error(message: str, same_on_every_rank: bool = False) -> None:
+    """The one-line error of a rank on its way out: ``error: ...`` on rank 0, ``error (rank r): ...`` elsewhere;
+    printed once (by rank 0) when every rank meets it alike, and handed to torchrun's failure summary."""
     rank = launch_rank()
-    print(f"error{'' if rank == 0 else f' (rank {rank})'}: {message}", file=sys.stderr, flush=True)
+    line = f"error{'' if rank == 0 else f' (rank {rank})'}: {message}"
+    record_error_for_launcher(line)
+    if rank == 0 or not same_on_every_rank:
+        print(line, file=sys.stderr, flush=True)
 
 
 def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float) -> None:
@@ -88,7 +92,7 @@ def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:
 class SmoothedValue:
     """A windowed median/average plus the global average of a series (torchvision's, trimmed)."""
 
-    def __init__(self, window: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})") -> None:
+    def __init__(self, window: int = 20, fmt: str = "{median:.4g} ({global_avg:.4g})") -> None:
         self.deque: deque[float] = deque(maxlen=window)
         self.total, self.count, self.fmt = 0.0, 0, fmt
 

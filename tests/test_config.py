@@ -72,7 +72,7 @@ def test_int_accepted_for_float_and_later_override_wins():
         (["syncbn.enabled=false", "syncbn.virtual_splits=3"], "must divide data.batch_size"),
         (["train.epochs=3.5"], "train.epochs: expected int, got float"),
         (["train=5"], "train: expected a mapping"),
-        (["train.eval_only=true", "train.resume=auto"], "train.eval_only: needs train.resume=PATH"),
+        (["train.eval_only=true", "train.resume=none"], "train.eval_only: needs a checkpoint"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -86,6 +86,8 @@ def test_bad_values_name_the_key(overrides, needle):
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"configs/defualt.yaml \(did you mean configs/default.yaml\?\)"):
+        load_config("configs/defualt.yaml")
     with pytest.raises(ConfigError, match=r"c.yaml line \d+ is not valid YAML"):
         load_config(write(tmp_path, "train:\n  epochs: [1\n"))
     with pytest.raises(ConfigError, match="must hold a mapping"):

@@ -4,6 +4,9 @@ process leaves the training RNG alone."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from data import build_datasets
@@ -57,3 +60,36 @@ def test_a_global_step_holds_the_same_augmented_samples_at_any_world_size_and_af
         assert len(resumed[r]) == len(two_ranks[r]) - 2
         for (x, y), (x_ref, y_ref) in zip(resumed[r], two_ranks[r][2:]):
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_auto_loader_workers_leave_each_process_one_cpu():
+    from data.loaders import num_workers
+    from engine.config import DataConfig
+    from engine.distributed import cpus_per_process
+
+    cpus = len(os.sched_getaffinity(0))
+    assert cpus_per_process({}) == cpus
+    assert cpus_per_process({"LOCAL_WORLD_SIZE": str(cpus)}) == 1
+    assert cpus_per_process({"LOCAL_WORLD_SIZE": str(4 * cpus)}) == 1  # never less than one
+    assert num_workers(DataConfig(num_workers=3)) == 3
+    assert num_workers(DataConfig()) == min(8, cpus_per_process() - 1) >= 0
+
+
+def test_data_kwargs_reach_a_custom_builder_and_a_wrong_one_is_named():
+    from data.registry import DATASETS, DataError, DatasetPair, register_dataset
+
+    seen = {}
+
+    @register_dataset("kwargs_probe")
+    def build(cfg: DataConfig, num_classes: int, seed: int, scale: float = 1.0) -> DatasetPair:
+        seen["scale"] = scale
+        data = [(torch.zeros(3, 4, 4), 0)] * 4
+        return DatasetPair(data, data, num_classes)
+
+    try:
+        build_datasets(DataConfig(name="kwargs_probe", kwargs={"scale": 2.5}), 10, 0)
+        assert seen["scale"] == 2.5
+        with pytest.raises(DataError, match="data.kwargs: dataset 'kwargs_probe' rejected its arguments"):
+            build_datasets(DataConfig(name="kwargs_probe", kwargs={"sclae": 2.5}), 10, 0)
+    finally:
+        DATASETS.pop("kwargs_probe")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers.jobs import TRAIN_SCRIPT, child_env, run_train, tiny_overrides, wait_job
+from tests.helpers.jobs import TRAIN_SCRIPT, child_env, run_train, run_train_preloaded, tiny_overrides, wait_job
 
 CONFIG = "configs/default.yaml"
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def test_legacy_launch_passes_local_rank_dash(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}",
            TRAIN_SCRIPT, "--config", CONFIG, *tiny_overrides(out, train__epochs=1)]
     ((_, stdout, _),) = wait_all([start(cmd)])
-    assert_trained(out, 2, "torchrun", stdout)
+    assert_trained(out, 2, "torch.distributed.launch", stdout)
 
 
 def test_legacy_local_rank_underscore_argument(tmp_path):
@@ -108,7 +109,7 @@ def test_legacy_local_rank_underscore_argument(tmp_path):
                *tiny_overrides(out, train__epochs=1)]
         procs.append(start(cmd, env))
     results = wait_all(procs)
-    assert_trained(out, 2, "torchrun", results[0][1])
+    assert_trained(out, 2, "torch.distributed.launch", results[0][1])
     assert results[1][1] == ""  # rank 1 prints nothing
 
 
@@ -143,3 +144,31 @@ def test_slurm_environment(tmp_path):
         procs.append(start(cmd, env))
     results = wait_all(procs)
     assert_trained(out, 2, "slurm", results[0][1])
+
+
+def test_a_finished_run_says_so_and_eval_only_evaluates_its_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(out, train__epochs=1, train__tensorboard=True)
+    rc, stdout, stderr = run_train_preloaded(args)
+    assert rc == 0, stderr
+    events = sorted(os.listdir(out / "tensorboard"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl"):  # checkpoints too follow the umask
+        assert stat.S_IMODE(os.stat(out / name if name.endswith(("yaml", "jsonl")) else out / "checkpoints" / name)
+                            .st_mode) == 0o666 & ~umask, name
+
+    rc, stdout, stderr = run_train_preloaded(args)  # the same command again
+    assert rc == 0, stderr
+    assert "run complete" in stdout and "train.epochs" in stdout and "resumed from" not in stdout
+    assert sorted(os.listdir(out / "tensorboard")) == events  # no empty event file per re-run
+
+    for which in ("last", "best"):
+        rc, stdout, stderr = run_train_preloaded([*args, "train.eval_only=true", f"train.eval_checkpoint={which}"])
+        assert rc == 0, stderr
+        assert f"evaluating {out / 'checkpoints' / which}.pt" in stdout and "val_acc1" in stdout
+
+    fresh = tmp_path / "fresh"
+    rc, stdout, stderr = run_train_preloaded(tiny_overrides(fresh, train__eval_only=True))
+    assert rc == 1 and "train.eval_only: no" in stderr, stderr
+    assert not (fresh / "checkpoints").exists()  # an eval-only run leaves nothing behind
