@@ -12,8 +12,28 @@ config -> distributed -> model (BatchNorm -> SyncBatchNorm -> DDP) -> data -> tr
 from __future__ import annotations
 
 import argparse
-import random
 import sys
+
+from engine.config import load_config, reference_text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (section.key=default), set in the YAML file or as overrides:\n"
+               f"{reference_text()}\n\nMore in README.md: launching, your own model and dataset, outputs.",
+    )  # fmt: skip
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank (older); torchrun sets LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a malformed command line answer at once, before torch's seconds-long import
+
+import random
 import time
 from functools import partial
 
@@ -23,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import build_datasets
 from data.loaders import build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
-from engine.config import global_batch_size, load_config
+from engine.config import global_batch_size
 from engine.distributed import barrier, cleanup, init_distributed, rank0_decides
 from engine.errors import UserError
 from engine.faults import FaultInjector
@@ -34,15 +54,6 @@ from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm
 from engine.trainer import TrainLoop, TrainState, consistent_bn_buffers, evaluate, train_one_epoch
 from engine.watchdog import watch_steps
 from models import build_model
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-    # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank (older); torchrun sets LOCAL_RANK
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # a finished run: the checkpointer said so, and how to train longer
     checkpointer.write_config()  # only now: a refused resume must leave the run's files untouched
 
-    loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, ctx.device, steps, ctx.is_main, checkpointer,
-                     faults=FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
     run_start, first_epoch = time.perf_counter(), state.epoch
     with (
         StopSignal() as stop,
         MetricsWriter(cfg.output_dir, ctx.is_main, cfg.train.tensorboard) as writer,
         watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
     ):
+        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, ctx.device, steps, global_batch, ctx.is_main,
+                         checkpointer, writer, faults=FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             trained = train_one_epoch(loop, train_loader, state, stop)

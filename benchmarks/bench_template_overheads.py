@@ -110,7 +110,8 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
     batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
-    loop = TrainLoop(model, opt, sched, scaler, cfg.train, torch.device("cpu"), STEPS_PER_EPOCH, log_enabled=rank == 0)
+    loop = TrainLoop(model, opt, sched, scaler, cfg.train, torch.device("cpu"), STEPS_PER_EPOCH, 32 * world,
+                     log_enabled=rank == 0)
     loss_sum = torch.zeros(())
     logger = MetricLogger("bench", 10**9, rank == 0, False)
     ticker = iter(logger.log_every(iter(int, 1), 10**9, 32))  # endless: one next() per step

@@ -197,6 +197,12 @@ class MetricsWriter:
                     self.tb.add_scalar(_tb_tag(key), value, step)
             self.tb.flush()
 
+    def add_step(self, step: int, **values: float) -> None:
+        """Per-step scalars (``step/<name>``, x = optimizer steps): loss, lr, throughput of all processes."""
+        if self.tb is not None:
+            for name, value in values.items():
+                self.tb.add_scalar(f"step/{name}", value, step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -26,6 +26,7 @@ from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
     from engine.checkpoint import Checkpointer
+    from engine.logging import MetricsWriter
 
 
 @dataclass
@@ -84,8 +85,10 @@ class TrainLoop:
     cfg: TrainConfig
     device: torch.device
     steps_per_epoch: int
+    global_batch: int  # samples per optimizer step over all processes
     log_enabled: bool = True  # rank 0 prints the step lines
     checkpointer: Checkpointer | None = None  # for mid-epoch checkpoints (train.checkpoint_every_steps)
+    writer: MetricsWriter | None = None  # per-step TensorBoard scalars every train.print_freq steps (rank 0)
     faults: FaultInjector | None = None  # test-only fault injection (debug.*)
 
 
@@ -121,6 +124,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
     metric_logger = MetricLogger(f"epoch {state.epoch + 1}/{cfg.epochs}", cfg.print_freq, loop.log_enabled,
                                  cfg.progress_bar)
     window = LossWindow(loop.device)
+    tb_since = (state.step, start)  # step and time of the last per-step TensorBoard point
     batches = itertools.islice(loader, micro_batches)
     enter("loading data", in_collective=False, step=state.step)
     for i, (images, targets) in enumerate(metric_logger.log_every(batches, micro_batches, loader.batch_size)):
@@ -156,10 +160,15 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
         _optimizer_step(loop)
         state.finish_step(agreed)
         progress()
+        lr = loop.optimizer.param_groups[0]["lr"]
         if agreed is not None:
-            for total, n in zip(agreed.loss_sums, agreed.counts):
-                metric_logger.update(loss=total / max(n, 1))
-        metric_logger.update(lr=loop.optimizer.param_groups[0]["lr"])
+            _log_losses(loop, metric_logger, agreed, state.step)
+        metric_logger.update(lr=lr)
+        if loop.writer is not None and state.step % cfg.print_freq == 0:
+            now = time.perf_counter()
+            rate = (state.step - tb_since[0]) * loop.global_batch / max(now - tb_since[1], 1e-9)
+            loop.writer.add_step(state.step, lr=lr, samples_per_s=rate)
+            tb_since = (state.step, now)
         if loop.checkpointer is not None and mid_epoch_checkpoint_due(state.step, state.epoch_step, cfg,
                                                                       loop.steps_per_epoch):
             loop.checkpointer.save(state)
@@ -183,6 +192,16 @@ def _check_agreed(agreed: Agreement, state: TrainState, model: nn.Module) -> Non
         check_values_per_channel(model)
     except ValueError as exc:
         raise DataError(f"{exc}; by step {state.step} (data.batch_size, data.drop_last)") from None
+
+
+def _log_losses(loop: TrainLoop, metric_logger: MetricLogger, agreed: Agreement, steps_done: int) -> None:
+    """Each agreed step's global loss to the console meter, and every ``train.print_freq``-th to TensorBoard."""
+    first = steps_done - len(agreed.counts)  # steps done before the agreed window
+    for k, (total, n) in enumerate(zip(agreed.loss_sums, agreed.counts)):
+        loss = total / max(n, 1)
+        metric_logger.update(loss=loss)
+        if loop.writer is not None and (first + k + 1) % loop.cfg.print_freq == 0:
+            loop.writer.add_step(first + k + 1, loss=loss)
 
 
 def _optimizer_step(loop: TrainLoop) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config
+from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config, reference, reference_table
 from engine.distributed import detect_launch_env, first_slurm_host, select_backend
 from engine.errors import LaunchError
 
@@ -144,20 +144,6 @@ def test_slurm_nodelist_parsing_and_backend_choice():
         select_backend("nccl", cuda_available=False)
 
 
-def _readme_defaults() -> dict[str, str]:
-    """``key -> default`` from the README's config table (rows like ``| `a.b` / `a.c` | 1 / `x` | meaning |``)."""
-    table: dict[str, str] = {}
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    for line in readme.split("## Config reference", 1)[1].split("\n## ", 1)[0].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if len(cells) < 2 or not cells[0].startswith("`"):
-            continue
-        keys, defaults = cells[0].split(" / "), cells[1].split(" / ")
-        assert len(keys) == len(defaults), f"README row has {len(keys)} keys but {len(defaults)} defaults: {line}"
-        table.update({k.strip("`"): d.strip("`") for k, d in zip(keys, defaults, strict=True)})
-    return table
-
-
 def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in data.items():
@@ -169,15 +155,28 @@ def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
 
 
 def test_one_source_of_defaults_readme_schema_and_default_yaml_agree():
+    """The README's config table is the schema's (keys, defaults, meanings), and the shipped default says only what
+    differs from the schema."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert reference_table() in readme, "README's config table differs from the schema's; paste:\n" + reference_table()
     schema = _leaves(config_to_dict(Config()))
-    readme = _readme_defaults()
-    assert sorted(set(schema) - set(readme)) == [], "schema keys missing from the README's config table"
-    assert sorted(set(readme) - set(schema)) == [], "README documents keys the schema does not have"
-    for key, value in schema.items():
-        documented = readme[key] if isinstance(value, str) else yaml.safe_load(readme[key])  # 'off' is a string here
-        assert documented == value, f"README says {key} defaults to {readme[key]}, schema {value!r}"
-    # the shipped default says only what differs from the schema
     with open("configs/default.yaml", encoding="utf-8") as f:
         shipped = _leaves(yaml.safe_load(f))
     same = [key for key, value in shipped.items() if schema[key] == value]
     assert same == [], f"configs/default.yaml repeats schema defaults: {same}"
+
+
+def test_help_lists_every_key_with_its_default_without_importing_torch():
+    import subprocess
+    import sys
+
+    from tests.helpers.jobs import REPO_ROOT, TRAIN_SCRIPT
+
+    done = subprocess.run([sys.executable, "-X", "importtime", TRAIN_SCRIPT, "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for key, _default, meaning in reference():
+        assert f"{key}=" in done.stdout and meaning.replace("**", "") in done.stdout, key
+    assert "train.epochs=10" in done.stdout and "README.md" in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported, "--help imported torch (seconds) before answering"

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers.jobs import TRAIN_SCRIPT, child_env, run_train, run_train_preloaded, tiny_overrides, wait_job
 
@@ -148,10 +149,15 @@ def test_slurm_environment(tmp_path):
 
 def test_a_finished_run_says_so_and_eval_only_evaluates_its_checkpoints(tmp_path):
     out = tmp_path / "run"
-    args = tiny_overrides(out, train__epochs=1, train__tensorboard=True)
+    args = tiny_overrides(out, train__epochs=1, train__tensorboard=True, train__print_freq=4)
     rc, stdout, stderr = run_train_preloaded(args)
     assert rc == 0, stderr
     events = sorted(os.listdir(out / "tensorboard"))
+    board = EventAccumulator(str(out / "tensorboard")).Reload()
+    steps = {tag: [e.step for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    for tag in ("step/loss", "step/lr", "step/samples_per_s"):  # every print_freq steps: 16 steps in the epoch
+        assert steps[tag] == [4, 8, 12, 16], (tag, steps)
+    assert steps["val/acc1"] == [1] and steps["train/loss"] == [1]  # and one point per epoch
     umask = os.umask(0)
     os.umask(umask)
     for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl"):  # checkpoints too follow the umask
