@@ -51,7 +51,7 @@ from engine.logging import MetricsWriter, log_banner, log_epoch, print_error, se
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
 from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm
-from engine.trainer import TrainLoop, TrainState, consistent_bn_buffers, evaluate, train_one_epoch
+from engine.trainer import TrainLoop, TrainState, evaluate, settle_bn_statistics, train_one_epoch
 from engine.watchdog import watch_steps
 from models import build_model
 
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     pin = ctx.device.type == "cuda"
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
+    precise_loader = None  # PreciseBN: a fixed slice of the training data, the same every time
+    if cfg.syncbn.precise_bn_samples:
+        precise_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed + 1, ctx.rank, ctx.world_size, pin)
 
     # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
     global_batch, steps = global_batch_size(cfg, ctx.world_size), steps_per_epoch(train_loader, cfg.train.accumulate_steps)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if resume_path is not None:
             checkpointer.load_model(resume_path)
             log.info(f"evaluating {resume_path}")
-        consistent_bn_buffers(raw_model, cfg.syncbn)
+        settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
         metrics = evaluate(raw_model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
         log.info("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return 0
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
-            consistent_bn_buffers(raw_model, cfg.syncbn)
+            settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
             metrics = evaluate(raw_model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
             record = {
                 "epoch": state.epoch + 1,

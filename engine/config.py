@@ -89,6 +89,7 @@ class SyncBNConfig:
     group_size: int = 0  # 0 = the whole world; k = groups of k consecutive ranks
     virtual_splits: int = 1  # >1: ghost BatchNorm (only with enabled: false)
     buffer_policy: Literal["broadcast", "reduce"] = "broadcast"  # SyncBN off: make BN buffers consistent
+    precise_bn_samples: int = 0  # > 0: PreciseBN over this many training samples before each evaluation
 
 
 @dataclass
@@ -275,6 +276,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
         (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
         (cfg.syncbn.virtual_splits >= 1, "syncbn.virtual_splits", "must be >= 1"),
+        (cfg.syncbn.precise_bn_samples >= 0, "syncbn.precise_bn_samples", "must be >= 0 (0 = off)"),
         (not (cfg.syncbn.enabled and cfg.syncbn.virtual_splits > 1), "syncbn.virtual_splits",
          "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
         (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
@@ -374,6 +376,7 @@ HELP: dict[str, str] = {
     "syncbn.group_size": "0 = synchronise over the whole world; k = groups of k consecutive ranks",
     "syncbn.virtual_splits": "with syncbn.enabled false: ghost BatchNorm, k statistics groups per process",
     "syncbn.buffer_policy": "with SyncBN off: running stats agree by broadcast from rank 0, or reduce (pooled)",
+    "syncbn.precise_bn_samples": "PreciseBN before each evaluation: exact population stats over N training samples",
     "dist.backend": "auto (nccl on GPUs, gloo on CPUs), nccl or gloo",
     "dist.timeout_s": "a collective waiting on a dead peer fails after this long",
     "dist.find_unused_parameters": "DDP's find_unused_parameters",

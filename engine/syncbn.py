@@ -12,7 +12,7 @@ This module imports only torch, so it can be copied into another project as is.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "choose_collective",
     "convert_ghost_batchnorm",
     "convert_sync_batchnorm",
+    "recompute_bn_stats",
     "revert_sync_batchnorm",
     "sync_bn_buffers",
 ]
@@ -615,3 +616,113 @@ def _pool_buffers(rows: Tensor, layers: list[_BatchNorm]) -> Tensor:
     pooled_mean = means.mean(0)
     pooled_var = variances.mean(0) + ((means - pooled_mean) ** 2).mean(0)
     return torch.cat([pooled_mean, pooled_var, rows[0, 2 * channels :]])
+
+
+# --------------------------------------------------------------------------------------------- PreciseBN
+
+
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, M2) per channel of one layer input, in fp64 (two-pass: no E[x^2] - E[x]^2 cancellation)."""
+    xt = x.detach().transpose(0, 1).reshape(x.size(1), -1).double()
+    count = xt.new_tensor(float(xt.size(1)))
+    if xt.size(1) == 0:
+        return count, xt.new_zeros(x.size(1)), xt.new_zeros(x.size(1))
+    mean = xt.mean(1)
+    return count, mean, ((xt - mean[:, None]) ** 2).sum(1)
+
+
+def _merge(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if float(n) == 0:
+        return a
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n)
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_samples: int) -> int:
+    """PreciseBN: set every BatchNorm's running stats to the population statistics of the values it sees.
+
+    With the weights frozen (no grad, no optimizer), runs training-mode forward passes over ``batches`` (input
+    tensors, or tuples whose first item is the input; every rank passes its own shard) until ``num_samples``
+    samples have been seen over all ranks, and sets each BatchNorm's ``running_mean`` to the mean and
+    ``running_var`` to the unbiased variance of every value that layer saw (every position of every sample),
+    merged with Chan's formula in fp64, identical on every rank. Returns the global number of samples used.
+
+    Every rank runs the same number of forward passes (SyncBN's collectives must match): a rank whose shard is
+    exhausted feeds empty batches while others still have data. With SyncBN each pass normalises with the global
+    batch's statistics, so the result does not depend on the world size. Without SyncBN (or with ghost BatchNorm)
+    each rank's pass normalises with its own (or its split's) statistics, as training did: the population
+    statistics are then those of the activations training produced, pooled over all ranks.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    if not layers:
+        return 0
+    summaries: dict[_BatchNorm, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def record(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        seen = _batch_moments(inputs[0])
+        summaries[layer] = _merge(summaries[layer], seen) if layer in summaries else seen
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    was_training = model.training
+    device = layers[0].running_mean.device
+    synchronised = any(isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)) for m in layers)
+    sync = _active_group(None)
+    model.train()
+    total, template, iterator = 0, None, iter(batches)
+    try:
+        while total < num_samples:
+            batch = next(iterator, None)
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            template = x if x is not None else template
+            mine = 0 if x is None else len(x)
+            # one small all-reduce per pass: the global sample count, and whether some rank has no batch at all
+            agreed = torch.tensor([mine, template is None], dtype=torch.float64, device=device)
+            if sync is not None:
+                dist.all_reduce(agreed, group=sync[0])
+            samples, shapeless = (int(v) for v in agreed.tolist())
+            if samples == 0:
+                break  # every shard is exhausted
+            if shapeless:
+                raise ValueError("recompute_bn_stats: every rank needs at least one batch (an input shape)")
+            total += samples
+            if x is None and synchronised:  # keep SyncBN's collectives matched with an empty batch
+                x = template[:0]
+            if x is not None:
+                model(x.to(device, non_blocking=True))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    _set_population_stats(layers, summaries, sync)
+    return total
+
+
+def _set_population_stats(layers: list[_BatchNorm], summaries: dict, sync: tuple[Any, int] | None) -> None:
+    """Merge every rank's summaries (one all-gather for all layers, folded in rank order) and set the buffers."""
+    parts = []
+    for layer in layers:
+        count, mean, m2 = summaries.get(layer, (torch.zeros((), dtype=torch.float64, device=layer.running_mean.device),
+                                               torch.zeros_like(layer.running_mean, dtype=torch.float64),
+                                               torch.zeros_like(layer.running_mean, dtype=torch.float64)))
+        parts += [count.view(1), mean, m2]
+    flat = torch.cat(parts)
+    rows = _all_gather_rows(flat, sync[0], sync[1]) if sync is not None else flat[None]
+    offset = 0
+    for layer in layers:
+        channels = layer.num_features
+        merged = None
+        for row in rows:
+            count = row[offset]
+            mean = row[offset + 1 : offset + 1 + channels]
+            m2 = row[offset + 1 + channels : offset + 1 + 2 * channels]
+            merged = (count, mean, m2) if merged is None else _merge(merged, (count, mean, m2))
+        offset += 1 + 2 * channels
+        count, mean, m2 = merged
+        if float(count) > 1:
+            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+            layer.running_var.copy_((m2 / (count - 1)).to(layer.running_var.dtype))

@@ -19,9 +19,9 @@ from engine.config import SyncBNConfig, TrainConfig
 from engine.distributed import all_reduce_sum
 from engine.errors import DataError, NonFiniteLossError
 from engine.faults import FaultInjector
-from engine.logging import MetricLogger
+from engine.logging import MetricLogger, get_logger
 from engine.preemption import StopSignal
-from engine.syncbn import check_values_per_channel, sync_bn_buffers
+from engine.syncbn import check_values_per_channel, recompute_bn_stats, sync_bn_buffers
 from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
@@ -212,6 +212,22 @@ def _optimizer_step(loop: TrainLoop) -> None:
     loop.scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step()
+
+
+def settle_bn_statistics(model: nn.Module, cfg: SyncBNConfig, precise_loader: DataLoader | None) -> None:
+    """Running stats fit to evaluate and save: PreciseBN over ``cfg.precise_bn_samples`` training samples when a
+    loader is given (the same samples every time: a resume stays exact), else made consistent across ranks."""
+    if precise_loader is None or cfg.precise_bn_samples == 0:
+        consistent_bn_buffers(model, cfg)
+        return
+    start = time.perf_counter()
+    enter("recomputing BatchNorm statistics (PreciseBN)", in_collective=True)
+    precise_loader.sampler.set_epoch(0)
+    used = recompute_bn_stats(model, precise_loader, cfg.precise_bn_samples)
+    progress()
+    layers = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    get_logger().info(f"PreciseBN: running stats of {layers} BatchNorm layers from {used} training samples "
+                      f"in {time.perf_counter() - start:.1f}s")
 
 
 def consistent_bn_buffers(model: nn.Module, cfg: SyncBNConfig) -> None:
