@@ -44,7 +44,7 @@ from data import build_datasets
 from data.loaders import build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
 from engine.config import global_batch_size
-from engine.distributed import barrier, cleanup, init_distributed, rank0_decides
+from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, rank0_decides
 from engine.errors import UserError
 from engine.faults import FaultInjector
 from engine.logging import MetricsWriter, log_banner, log_epoch, print_error, setup_logger
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     # 1. config: read, override, validate: before any process group, so a typo fails fast on every rank
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, launch_world_size(args.local_rank))
 
     # 2. distributed: who am I, which device, process group, SyncBN groups; rank 0 decides what to resume
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)

@@ -90,6 +90,7 @@ class SyncBNConfig:
     virtual_splits: int = 1  # >1: ghost BatchNorm (only with enabled: false)
     buffer_policy: Literal["broadcast", "reduce"] = "broadcast"  # SyncBN off: make BN buffers consistent
     precise_bn_samples: int = 0  # > 0: PreciseBN over this many training samples before each evaluation
+    norm_batch_size: int = 0  # > 0: samples per BatchNorm statistic; decides enabled, group_size, virtual_splits
 
 
 @dataclass
@@ -221,8 +222,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Read YAML (safe loader), apply overrides in order, type-check and validate."""
+def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """Read YAML (safe loader), apply overrides in order, type-check and validate; ``syncbn.norm_batch_size``
+    is resolved for ``world_size`` processes (the launcher's, known before any process group exists)."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -244,7 +246,41 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         _apply_override(raw, override)
     cfg = _build(Config, raw, "")
     validate(cfg)
-    return cfg
+    return resolve_norm_batch(cfg, world_size)
+
+
+def norm_batch_choices(batch: int, world_size: int) -> list[int]:
+    """Normalisation batches deliverable with ``batch`` per process on ``world_size`` processes: ghost splits of
+    one process's batch (batch / s), one process's batch, SyncBN groups of k consecutive ranks (batch x k)."""
+    ghost = [batch // s for s in range(1, batch + 1) if batch % s == 0 and batch // s >= 2]
+    groups = [batch * k for k in range(1, world_size + 1) if world_size % k == 0]
+    return sorted(set(ghost + groups))
+
+
+def resolve_norm_batch(cfg: Config, world_size: int) -> Config:
+    """``syncbn.norm_batch_size: N`` -> SyncBN over groups of N / batch ranks, or ghost BatchNorm with batch / N
+    splits per process, or plain local BatchNorm when N is the per-process batch; an N that cannot be delivered
+    exactly is an error naming the key and the nearest valid values."""
+    n, batch = cfg.syncbn.norm_batch_size, cfg.data.batch_size
+    if n == 0:
+        return cfg
+    choices = norm_batch_choices(batch, world_size)
+    if n not in choices:
+        below = [c for c in choices if c < n][-1:]
+        above = [c for c in choices if c > n][:1]
+        raise ConfigError(
+            f"syncbn.norm_batch_size: {n} cannot be delivered with data.batch_size {batch} on {world_size} "
+            f"processes; nearest valid: {' or '.join(map(str, below + above))}"
+        )
+    if n > batch:  # SyncBN over groups of n / batch ranks (0: the whole world)
+        group = n // batch
+        syncbn = dataclasses.replace(cfg.syncbn, enabled=True, group_size=0 if group == world_size else group,
+                                     virtual_splits=1)
+    else:  # one process's batch, split into ghost batches of n (1 split: plain local BatchNorm)
+        syncbn = dataclasses.replace(cfg.syncbn, enabled=False, group_size=0, virtual_splits=batch // n)
+    resolved = dataclasses.replace(cfg, syncbn=syncbn)
+    validate(resolved)
+    return resolved
 
 
 def validate(cfg: Config) -> None:
@@ -277,6 +313,7 @@ def validate(cfg: Config) -> None:
         (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
         (cfg.syncbn.virtual_splits >= 1, "syncbn.virtual_splits", "must be >= 1"),
         (cfg.syncbn.precise_bn_samples >= 0, "syncbn.precise_bn_samples", "must be >= 0 (0 = off)"),
+        (cfg.syncbn.norm_batch_size >= 0, "syncbn.norm_batch_size", "must be >= 0 (0 = off)"),
         (not (cfg.syncbn.enabled and cfg.syncbn.virtual_splits > 1), "syncbn.virtual_splits",
          "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
         (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
@@ -377,6 +414,7 @@ HELP: dict[str, str] = {
     "syncbn.virtual_splits": "with syncbn.enabled false: ghost BatchNorm, k statistics groups per process",
     "syncbn.buffer_policy": "with SyncBN off: running stats agree by broadcast from rank 0, or reduce (pooled)",
     "syncbn.precise_bn_samples": "PreciseBN before each evaluation: exact population stats over N training samples",
+    "syncbn.norm_batch_size": "samples per BatchNorm statistic; sets enabled, group_size and virtual_splits; 0 = off",
     "dist.backend": "auto (nccl on GPUs, gloo on CPUs), nccl or gloo",
     "dist.timeout_s": "a collective waiting on a dead peer fails after this long",
     "dist.find_unused_parameters": "DDP's find_unused_parameters",

@@ -141,6 +141,11 @@ def launch_rank(environ: Mapping[str, str] | None = None) -> int:
     return int(text) if text.isdigit() else 0
 
 
+def launch_world_size(local_rank_arg: int | None = None) -> int:
+    """The world size the launcher announced, known before any process group exists."""
+    return detect_launch_env(local_rank_arg).world_size
+
+
 def _slurm_tasks_on_node(environ: Mapping[str, str], world_size: int) -> int:
     # SLURM_TASKS_PER_NODE looks like "4(x2)" or "4,3"; the first count is this layout's per-node size.
     text = environ.get("SLURM_TASKS_PER_NODE", "")

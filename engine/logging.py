@@ -69,14 +69,19 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
 def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
     kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if isinstance(m, _BatchNorm))
     layers = ", ".join(f"{n} x {kind}" for kind, n in kinds.items()) or "no BatchNorm layers"
+    batch = cfg.data.batch_size
     if cfg.syncbn.enabled:
+        ranks = cfg.syncbn.group_size or ctx.world_size
         scope = f"groups of {cfg.syncbn.group_size} ranks" if cfg.syncbn.group_size else f"all {ctx.world_size} ranks"
         what = f"synchronised over {scope}" if ctx.world_size > 1 else "SyncBN on, world size 1: nothing to synchronise"
+        norm = batch * ranks
     elif cfg.syncbn.virtual_splits > 1:
         what = f"ghost BatchNorm, {cfg.syncbn.virtual_splits} virtual splits per process"
+        norm = batch // cfg.syncbn.virtual_splits
     else:
         what = f"local per process (SyncBN off), buffers made consistent by '{cfg.syncbn.buffer_policy}'"
-    return f"{what} [{layers}]"
+        norm = batch
+    return f"normalisation batch {norm}: {what} [{layers}]"
 
 
 def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:

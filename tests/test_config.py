@@ -180,3 +180,20 @@ def test_help_lists_every_key_with_its_default_without_importing_torch():
     assert "train.epochs=10" in done.stdout and "README.md" in done.stdout
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported, "--help imported torch (seconds) before answering"
+
+
+def test_norm_batch_size_delivers_its_group_or_split_and_names_the_nearest_valid_values():
+    from engine.config import norm_batch_choices
+
+    assert norm_batch_choices(8, 4) == [2, 4, 8, 16, 32]
+    cases = {  # N -> (enabled, group_size, virtual_splits), batch 8 per process on 4 processes
+        16: (True, 2, 1), 32: (True, 0, 1), 8: (False, 0, 1), 4: (False, 0, 2), 2: (False, 0, 4),
+    }
+    for n, want in cases.items():
+        cfg = load_config(None, ["data.batch_size=8", f"syncbn.norm_batch_size={n}"], world_size=4)
+        assert (cfg.syncbn.enabled, cfg.syncbn.group_size, cfg.syncbn.virtual_splits) == want, n
+    with pytest.raises(ConfigError, match=r"syncbn.norm_batch_size: 12 cannot be delivered .* nearest valid: 8 or 16"):
+        load_config(None, ["data.batch_size=8", "syncbn.norm_batch_size=12"], world_size=4)
+    with pytest.raises(ConfigError, match=r"nearest valid: 32$"):
+        load_config(None, ["data.batch_size=8", "syncbn.norm_batch_size=64"], world_size=4)
+    assert load_config(None, ["syncbn.norm_batch_size=0"], world_size=4).syncbn.enabled  # off: the keys as set
