@@ -45,6 +45,7 @@ from data.loaders import build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
 from engine.config import global_batch_size
 from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, rank0_decides
+from engine.ema import ModelEma, evaluate_ema
 from engine.errors import UserError
 from engine.faults import FaultInjector
 from engine.logging import MetricsWriter, log_banner, log_epoch, print_error, setup_logger
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     pin = ctx.device.type == "cuda"
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
-    precise_loader = None  # PreciseBN: a fixed slice of the training data, the same every time
-    if cfg.syncbn.precise_bn_samples:
+    precise_loader = None  # PreciseBN (of the model, or of the EMA): a fixed slice of the training data
+    if cfg.syncbn.precise_bn_samples or (cfg.train.ema_decay and cfg.train.ema_buffers == "precise"):
         precise_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed + 1, ctx.rank, ctx.world_size, pin)
 
     # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = build_optimizer(raw_model, cfg.train, lr)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
-    checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler)
+    ema = ModelEma(raw_model, cfg.train) if cfg.train.ema_decay else None
+    checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema)
     state = TrainState()
     log_banner(ctx, cfg, raw_model, lr)
     if cfg.train.eval_only:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
     ):
         loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, ctx.device, steps, global_batch, ctx.is_main,
-                         checkpointer, writer, faults=FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
+                         checkpointer, writer, ema, FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             trained = train_one_epoch(loop, train_loader, state, stop)
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_PREEMPTED
             settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
             metrics = evaluate(raw_model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
+            if ema is not None:
+                metrics |= evaluate_ema(ema, val_loader, precise_loader, cfg, ctx.device)
             record = {
                 "epoch": state.epoch + 1,
                 "train_loss": state.train_loss,
@@ -149,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 "train_time_s": trained.seconds,
                 "epoch_time_s": time.perf_counter() - epoch_start,  # training and evaluation
             }
-            is_best = state.finish_epoch(record)
+            is_best = state.finish_epoch(record, cfg.train.best_metric)
             checkpointer.save(state, is_best)
             writer.write(record, step=state.epoch)
             per_epoch = (time.perf_counter() - run_start) / (state.epoch - first_epoch)
             log_epoch(record, cfg.train.epochs, eta_s=per_epoch * (cfg.train.epochs - state.epoch))
     barrier()  # leave together: a rank tearing down its process group while a peer still writes can abort in gloo
-    log.info(f"done: best val_acc1 {state.best_acc1:.2f}; checkpoints in {cfg.output_dir}/{CHECKPOINT_DIR}")
+    log.info(f"done: best {cfg.train.best_metric} {state.best_acc1:.2f}; checkpoints in {cfg.output_dir}/{CHECKPOINT_DIR}")
     return 0
 
 

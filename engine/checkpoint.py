@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from engine.faults import FaultInjector
 from engine.logging import get_logger, metrics_path, restore_metrics
 from engine.trainer import TrainState, consistent_bn_buffers
 from engine.watchdog import enter, progress
+
+if TYPE_CHECKING:
+    from engine.ema import ModelEma
 
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "run.lock"
@@ -259,9 +262,10 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> None:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                 ema: ModelEma | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.global_batch = global_batch_size(cfg, ctx.world_size)
         self.faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # test-only
 
@@ -270,6 +274,8 @@ class Checkpointer:
             self.faults.at("before_checkpoint", state.step)
         enter("in a checkpoint's collectives", in_collective=True)
         consistent_bn_buffers(self.model, self.cfg.syncbn)
+        if self.ema is not None:
+            consistent_bn_buffers(self.ema.module, self.cfg.syncbn)
         rng = gather_objects(capture_rng_state())  # a collective: every rank passes here
         if self.ctx.is_main:
             enter("writing a checkpoint", in_collective=False)
@@ -293,6 +299,8 @@ class Checkpointer:
             "global_batch": self.global_batch,
             "rng": rng,
         }
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
         save_checkpoint(checkpoint, self.cfg.output_dir, keep=self.cfg.train.keep_checkpoints, is_best=is_best)
 
     def load_model(self, path: str) -> dict[str, Any]:
@@ -314,6 +322,11 @@ class Checkpointer:
         self.scheduler.load_state_dict(loaded["scheduler"])
         self.scaler.load_state_dict(loaded["scaler"])
         state.load_state_dict(loaded["train_state"])
+        if self.ema is not None and "ema" in loaded:
+            self.ema.load_state_dict(loaded["ema"])
+        elif self.ema is not None:
+            get_logger().warning(f"warning: {path} holds no EMA; it starts from the resumed weights")
+            self.ema.module.load_state_dict(self.model.state_dict())
         if loaded["world_size"] == self.ctx.world_size:  # each rank gets back its own RNG streams
             restore_rng_state(loaded["rng"][self.ctx.rank])
         if self.ctx.is_main:

@@ -76,6 +76,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = end of epoch only
     keep_checkpoints: int = 2
     agree_every_steps: int = 10  # ranks agree on stop signal and losses (NaN check); also before every checkpoint
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights (evaluated and saved beside the model)
+    ema_warmup: bool = True  # decay min(d, (1 + u) / (10 + u)) after u updates
+    ema_every: int = 1  # optimizer steps between EMA updates
+    ema_buffers: Literal["average", "copy", "precise"] = "copy"  # the EMA's BatchNorm buffers
+    best_metric: Literal["val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema"] = "val_acc1"  # picks best.pt
     print_freq: int = 20
     progress_bar: bool = True
     tensorboard: bool = True
@@ -309,6 +314,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
         (cfg.train.agree_every_steps >= 1, "train.agree_every_steps", "must be >= 1"),
         (cfg.train.print_freq >= 1, "train.print_freq", "must be >= 1"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
+        (cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1"),
+        (cfg.train.ema_decay > 0 or not cfg.train.best_metric.endswith("_ema"), "train.best_metric",
+         "an EMA metric needs train.ema_decay > 0"),
         (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
         (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
         (cfg.syncbn.virtual_splits >= 1, "syncbn.virtual_splits", "must be >= 1"),
@@ -404,6 +413,11 @@ HELP: dict[str, str] = {
     "train.checkpoint_every_steps": "mid-epoch checkpoints every N optimizer steps; 0 = at epoch ends only",
     "train.keep_checkpoints": "history checkpoints kept for fallback",
     "train.agree_every_steps": "steps between the ranks' agreements (stop signal, global loss, NaN check)",
+    "train.ema_decay": "EMA of the weights with this decay, evaluated and saved beside the model; 0 = off",
+    "train.ema_warmup": "EMA decay warmup: min(decay, (1 + u) / (10 + u)) after u updates",
+    "train.ema_every": "optimizer steps between EMA updates",
+    "train.ema_buffers": "the EMA's BatchNorm buffers: average (like the weights), copy (the model's), or precise",
+    "train.best_metric": "the metric that picks best.pt: val_acc1, val_acc5, val_acc1_ema or val_acc5_ema",
     "train.print_freq": "steps between console lines and per-step TensorBoard points",
     "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
     "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",

@@ -89,7 +89,9 @@ def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:
     get_logger().info(
         f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
         f"val_loss {record['val_loss']:.4f}  val_acc1 {record['val_acc1']:.2f}  "
-        f"val_acc5 {record['val_acc5']:.2f}  lr {record['lr']:.4g}  "
+        f"val_acc5 {record['val_acc5']:.2f}  "
+        + (f"val_acc1_ema {record['val_acc1_ema']:.2f}  " if "val_acc1_ema" in record else "")
+        + f"lr {record['lr']:.4g}  "
         f"{record['samples_per_s']:.0f} samples/s (all processes)  epoch {record['epoch_time_s']:.1f}s  eta {eta_s:.0f}s"
     )
 

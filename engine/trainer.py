@@ -26,6 +26,7 @@ from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
     from engine.checkpoint import Checkpointer
+    from engine.ema import ModelEma
     from engine.logging import MetricsWriter
 
 
@@ -39,7 +40,7 @@ class TrainState:
     epoch: int = 0  # the epoch in progress (0-based)
     step: int = 0  # optimizer steps done since the start of training
     epoch_step: int = 0  # optimizer steps done within ``epoch``
-    best_acc1: float = -1.0
+    best_acc1: float = -1.0  # the best value of train.best_metric so far
     loss_sum: float = 0.0  # global (all ranks) train-loss sum of ``epoch`` so far
     loss_count: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
@@ -52,11 +53,12 @@ class TrainState:
             self.loss_sum += sum(agreed.loss_sums)
             self.loss_count += sum(agreed.counts)
 
-    def finish_epoch(self, record: dict[str, Any]) -> bool:
+    def finish_epoch(self, record: dict[str, Any], best_metric: str = "val_acc1") -> bool:
         """The epoch in progress is done and evaluated (``record``: its metrics line); returns whether it is the
-        best so far. The record travels in every later checkpoint, so a resume can restore ``metrics.jsonl``."""
-        is_best = record["val_acc1"] > self.best_acc1
-        self.best_acc1 = max(self.best_acc1, record["val_acc1"])
+        best so far by ``best_metric`` (its best value is kept in ``best_acc1``). The record travels in every later
+        checkpoint, so a resume can restore ``metrics.jsonl``."""
+        is_best = record[best_metric] > self.best_acc1
+        self.best_acc1 = max(self.best_acc1, record[best_metric])
         self.epoch, self.epoch_step, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
         self.history.append(record)
         return is_best
@@ -89,6 +91,7 @@ class TrainLoop:
     log_enabled: bool = True  # rank 0 prints the step lines
     checkpointer: Checkpointer | None = None  # for mid-epoch checkpoints (train.checkpoint_every_steps)
     writer: MetricsWriter | None = None  # per-step TensorBoard scalars every train.print_freq steps (rank 0)
+    ema: ModelEma | None = None  # updated after every train.ema_every optimizer steps
     faults: FaultInjector | None = None  # test-only fault injection (debug.*)
 
 
@@ -159,6 +162,8 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
             _check_agreed(agreed, state, model)
         _optimizer_step(loop)
         state.finish_step(agreed)
+        if loop.ema is not None:
+            loop.ema.update(state.step)
         progress()
         lr = loop.optimizer.param_groups[0]["lr"]
         if agreed is not None:

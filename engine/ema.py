@@ -1,0 +1,74 @@
+"""Model EMA with BatchNorm done right: the same bits on every rank, in every checkpoint, after every resume.
+
+``train.ema_decay: d`` keeps an exponential moving average of the weights, updated every ``train.ema_every``
+optimizer steps with ``decay = min(d, (1 + u) / (10 + u))`` after u updates when ``train.ema_warmup`` (early
+averages follow the weights instead of the random initialisation). Every rank applies the same ops to the same
+(DDP-synchronised) weights, so the EMA is bit-identical everywhere without communication. BatchNorm buffers follow
+``train.ema_buffers``: ``average`` them like the weights, ``copy`` the model's, or ``precise``: recompute them for
+the averaged weights with PreciseBN before each evaluation (the statistics of the EMA weights' own activations,
+which neither averaging nor copying gives).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.config import Config, TrainConfig
+from engine.syncbn import recompute_bn_stats
+from engine.trainer import consistent_bn_buffers, evaluate
+
+PRECISE_SAMPLES = 4096  # ema_buffers: precise, when syncbn.precise_bn_samples leaves the number open
+
+
+class ModelEma:
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.source, self.cfg, self.updates = model, cfg, 0
+        # process groups are shared, not copied: the EMA's SyncBN layers synchronise over the same ranks
+        groups = {id(m.process_group): m.process_group for m in model.modules()
+                  if getattr(m, "process_group", None) is not None}  # fmt: skip
+        self.module = copy.deepcopy(model, memo=dict(groups)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def decay(self) -> float:
+        if not self.cfg.ema_warmup:
+            return self.cfg.ema_decay
+        return min(self.cfg.ema_decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, steps_done: int) -> None:
+        """After the optimizer step that makes ``steps_done``: every ``train.ema_every`` steps."""
+        if steps_done % self.cfg.ema_every:
+            return
+        d = self.decay()
+        for ema, live in zip(self.module.parameters(), self.source.parameters(), strict=True):
+            ema.lerp_(live.detach(), 1.0 - d)
+        for (name, ema), live in zip(self.module.named_buffers(), self.source.buffers(), strict=True):
+            if self.cfg.ema_buffers == "average" and ema.is_floating_point() and "running_" in name:
+                ema.lerp_(live, 1.0 - d)
+            else:  # copy (and precise, whose statistics are recomputed before each evaluation anyway)
+                ema.copy_(live)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """``model``: a plain state_dict of the averaged weights (load it into the bare model to export them)."""
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+def evaluate_ema(ema: ModelEma, val_loader: Any, precise_loader: Any, cfg: Config, device: torch.device) -> dict:
+    """The EMA, evaluated exactly like the model (``val_*_ema``), its BatchNorm buffers settled first."""
+    if cfg.train.ema_buffers == "precise" and precise_loader is not None:
+        precise_loader.sampler.set_epoch(0)  # the model's PreciseBN slice: the same samples every time
+        recompute_bn_stats(ema.module, precise_loader, cfg.syncbn.precise_bn_samples or PRECISE_SAMPLES)
+    else:
+        consistent_bn_buffers(ema.module, cfg.syncbn)
+    metrics = evaluate(ema.module, val_loader, device, cfg.train.amp, cfg.train.channels_last)
+    return {f"{key}_ema": value for key, value in metrics.items()}

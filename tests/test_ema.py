@@ -1,0 +1,122 @@
+"""Model EMA (``engine.ema``): the same bits on every rank, each ``train.ema_buffers`` policy as it says, and exact
+across checkpoints, SIGKILL and resume in the template."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from engine.config import TrainConfig
+from engine.ema import ModelEma
+from engine.launch import spawn
+from engine.syncbn import convert_sync_batchnorm, recompute_bn_stats
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+def _train(model: nn.Module, ema: ModelEma, steps: int, seed: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        x, y = torch.randn(6, 3, 5, 5, generator=gen) * 2 + 1, torch.randint(0, 3, (6,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update(step)
+
+
+def _ema_hash(rank: int, world: int) -> str:
+    raw = convert_sync_batchnorm(_net())
+    model = DDP(raw, broadcast_buffers=False)
+    ema = ModelEma(raw, TrainConfig(ema_decay=0.9, ema_buffers="average"))
+    _train(model, ema, steps=5, seed=rank)  # every rank its own data: DDP keeps the weights equal
+    digest = hashlib.sha256()
+    for tensor in ema.module.state_dict().values():
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    hashes = [None] * world
+    dist.all_gather_object(hashes, digest.hexdigest())
+    return "|".join(hashes)
+
+
+def test_ema_weights_are_bit_identical_on_every_rank() -> None:
+    agreed = spawn(_ema_hash, 3)
+    assert len(set(agreed[0].split("|"))) == 1 and all(a == agreed[0] for a in agreed)
+
+
+@pytest.mark.parametrize("policy", ["average", "copy", "precise"])
+def test_each_buffer_policy_does_what_it_says(policy: str) -> None:
+    model = _net()
+    cfg = TrainConfig(ema_decay=0.8, ema_every=2, ema_buffers=policy)
+    ema = ModelEma(model, cfg)
+    # by hand: every 2nd step, decay min(0.8, (1 + u) / (10 + u)) = 0.1, 0.1818..., lerp of weights (and buffers)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(3)
+    updates = 0
+    for step in range(1, 5):
+        x, y = torch.randn(6, 3, 5, 5, generator=gen) * 2 + 1, torch.randint(0, 3, (6,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update(step)
+        if step % 2 == 0:
+            d = min(0.8, (1 + updates) / (10 + updates))
+            for key, value in model.state_dict().items():
+                averaged = key.endswith(("weight", "bias")) or (policy == "average" and "running_" in key)
+                want[key] = want[key] + (value - want[key]) * (1 - d) if averaged else value.clone()
+            updates += 1
+    got = ema.module.state_dict()
+    for key in want:
+        assert torch.allclose(got[key].double(), want[key].double(), atol=1e-6), (policy, key)
+    assert ema.updates == 2
+    if policy == "precise":  # recomputed for the averaged weights before evaluation, not averaged nor copied
+        batches = [torch.randn(8, 3, 5, 5, generator=gen) for _ in range(2)]
+        reference = copy.deepcopy(ema.module)
+        recompute_bn_stats(reference, batches, 16)
+        recompute_bn_stats(ema.module, batches, 16)
+        assert torch.equal(ema.module[1].running_var, reference[1].running_var)
+        assert not torch.allclose(ema.module[1].running_var, model[1].running_var)
+
+
+@pytest.mark.slow
+def test_the_template_with_ema_logs_saves_and_resumes_it_exactly(tmp_path) -> None:
+    from tests.helpers.jobs import run_train_preloaded, tiny_overrides
+
+    def args(run_dir, **extra):
+        return tiny_overrides(run_dir, train__ema_decay=0.9, train__ema_buffers="precise",
+                              train__best_metric="val_acc1_ema", train__checkpoint_every_steps=3, data__augment=True,
+                              **extra)
+
+    rc, out, err = run_train_preloaded(args(tmp_path / "reference"))
+    assert rc == 0, err[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"val_loss_ema", "val_acc1_ema", "val_acc5_ema"} <= set(r) for r in records)
+    best = torch.load(tmp_path / "reference" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["best_acc1"] == max(r["val_acc1_ema"] for r in records)  # best.pt by train.best_metric
+    fault = dict(debug__fault_kind="sigkill", debug__fault_step=20, debug__fault_once=True)
+    rc, _, _ = run_train_preloaded(args(tmp_path / "run", **fault))
+    assert rc != 0
+    rc, out, err = run_train_preloaded(args(tmp_path / "run", **fault))
+    assert rc == 0 and "resumed from" in out, err[-3000:]
+    want, got = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["ema"]
+                 for d in (tmp_path / "reference", tmp_path / "run"))  # fmt: skip
+    assert want["updates"] == got["updates"] == 32
+    assert [k for k in want["model"] if not torch.equal(want["model"][k], got["model"][k])] == []
+    # the EMA weights export as a plain state_dict of the bare model
+    from engine.config import ModelConfig
+    from models import build_model
+
+    bare = build_model(ModelConfig(kwargs={"width": 4}))
+    bare.load_state_dict(got["model"])
