@@ -117,3 +117,21 @@ def test_the_template_with_precise_bn_resumes_bit_identically(tmp_path) -> None:
     want, got = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"]
                  for d in (tmp_path / "reference", tmp_path / "run"))  # fmt: skip
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def test_with_ghost_batchnorm_and_under_amp() -> None:
+    """Ghost BatchNorm: passes normalise per split as training does (the first layer's input does not depend on it,
+    so its statistics equal the plain reference); bf16 autocast: the statistics of the bf16 activations."""
+    from engine.syncbn import convert_ghost_batchnorm
+
+    batches = _global_batches()
+    ghost = convert_ghost_batchnorm(_net(), virtual_splits=2)
+    recompute_bn_stats(ghost, batches, 10**6)
+    reference = _reference(batches)
+    assert torch.allclose(torch.cat([ghost[1].running_mean, ghost[1].running_var]), reference[:8], atol=1e-9)
+    assert all(b.isfinite().all() for b in ghost.buffers())
+
+    model = _net().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recompute_bn_stats(model, [b.float() for b in batches], 10**6)
+    assert torch.allclose(_buffers(model).double(), reference, rtol=5e-2, atol=5e-2)
