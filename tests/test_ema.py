@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.config import TrainConfig
+from engine.config import ModelConfig, TrainConfig
 from engine.ema import ModelEma
 from engine.launch import spawn
 from engine.syncbn import convert_sync_batchnorm, recompute_bn_stats
+from models import build_model
+from tests.helpers.jobs import killed_and_resumed
 
 
 def _net() -> nn.Module:
@@ -92,31 +94,14 @@ def test_each_buffer_policy_does_what_it_says(policy: str) -> None:
 
 @pytest.mark.slow
 def test_the_template_with_ema_logs_saves_and_resumes_it_exactly(tmp_path) -> None:
-    from tests.helpers.jobs import run_train_preloaded, tiny_overrides
-
-    def args(run_dir, **extra):
-        return tiny_overrides(run_dir, train__ema_decay=0.9, train__ema_buffers="precise",
-                              train__best_metric="val_acc1_ema", train__checkpoint_every_steps=3, data__augment=True,
-                              **extra)
-
-    rc, out, err = run_train_preloaded(args(tmp_path / "reference"))
-    assert rc == 0, err[-3000:]
+    reference, resumed, _ = killed_and_resumed(tmp_path, train__ema_decay=0.9, train__ema_buffers="precise",
+                                            train__best_metric="val_acc1_ema")
     records = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert all({"val_loss_ema", "val_acc1_ema", "val_acc5_ema"} <= set(r) for r in records)
     best = torch.load(tmp_path / "reference" / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_acc1"] == max(r["val_acc1_ema"] for r in records)  # best.pt by train.best_metric
-    fault = dict(debug__fault_kind="sigkill", debug__fault_step=20, debug__fault_once=True)
-    rc, _, _ = run_train_preloaded(args(tmp_path / "run", **fault))
-    assert rc != 0
-    rc, out, err = run_train_preloaded(args(tmp_path / "run", **fault))
-    assert rc == 0 and "resumed from" in out, err[-3000:]
-    want, got = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["ema"]
-                 for d in (tmp_path / "reference", tmp_path / "run"))  # fmt: skip
+    want, got = reference["ema"], resumed["ema"]
     assert want["updates"] == got["updates"] == 32
     assert [k for k in want["model"] if not torch.equal(want["model"][k], got["model"][k])] == []
-    # the EMA weights export as a plain state_dict of the bare model
-    from engine.config import ModelConfig
-    from models import build_model
-
-    bare = build_model(ModelConfig(kwargs={"width": 4}))
+    bare = build_model(ModelConfig(kwargs={"width": 4}))  # the EMA weights export as the bare model's state_dict
     bare.load_state_dict(got["model"])

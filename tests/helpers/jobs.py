@@ -145,6 +145,29 @@ def run_train(
     return wait_job(proc, timeout)
 
 
+def killed_and_resumed(tmp: Path, **overrides: object) -> tuple[dict, dict, str]:
+    """``last.pt`` of an uninterrupted one-process run (``tmp/reference``) and of the same run SIGKILLed before step
+    20 (epoch 2, after the step-18 checkpoint) then relaunched (``tmp/run``), and the reference's stdout;
+    ``overrides`` as for :func:`tiny_overrides`."""
+    base = dict(train__checkpoint_every_steps=3, data__augment=True, **overrides)
+    rc, reference_out, err = run_train_preloaded(tiny_overrides(tmp / "reference", **base))
+    assert rc == 0, err[-3000:]
+    killed = tiny_overrides(tmp / "run", debug__fault_kind="sigkill", debug__fault_step=20, debug__fault_once=True,
+                            **base)
+    rc, _, err = run_train_preloaded(killed)
+    assert rc != 0, "the fault did not fire"
+    rc, out, err = run_train_preloaded(killed)  # the same command again
+    assert rc == 0 and "resumed from" in out, err[-3000:]
+    reference, resumed = (torch_load(tmp / name / "checkpoints" / "last.pt") for name in ("reference", "run"))
+    return reference, resumed, reference_out
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def error_lines(stderr: str) -> list[str]:
     """The one-line ``error: ...`` / ``error (rank r): ...`` messages a job printed."""
     return [line for line in stderr.splitlines() if line.startswith("error")]
