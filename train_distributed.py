@@ -41,7 +41,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_datasets
-from data.loaders import build_train_loader, build_val_loader, steps_per_epoch
+from data.loaders import build_precise_loader, build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
 from engine.config import global_batch_size
 from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, rank0_decides
@@ -81,12 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation
     if ctx.is_distributed:
         # SyncBN keeps BN buffers identical on every rank, so broadcasting them each step is wasted work
-        model = DDP(
-            model,
-            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            forward_sync_buffers=not cfg.syncbn.enabled,
-            find_unused_parameters=cfg.dist.find_unused_parameters,
-        )
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                    forward_sync_buffers=not cfg.syncbn.enabled, find_unused_parameters=cfg.dist.find_unused_parameters)
     if cfg.train.compile:
         model = torch.compile(model)
 
@@ -95,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     pin = ctx.device.type == "cuda"
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
-    precise_loader = None  # PreciseBN (of the model, or of the EMA): a fixed slice of the training data
-    if cfg.syncbn.precise_bn_samples or (cfg.train.ema_decay and cfg.train.ema_buffers == "precise"):
-        precise_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed + 1, ctx.rank, ctx.world_size, pin)
+    precise_loader = build_precise_loader(datasets.train, cfg, ctx.rank, ctx.world_size, pin)  # None: not needed
 
     # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
     global_batch, steps = global_batch_size(cfg, ctx.world_size), steps_per_epoch(train_loader, cfg.train.accumulate_steps)

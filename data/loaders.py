@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
-from engine.config import DataConfig
+from engine.config import Config, DataConfig
 from engine.distributed import cpus_per_process
 from engine.errors import DataError
 
@@ -124,6 +124,16 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(seed + rank),
         **_loader_kwargs(cfg, pin_memory),
     )
+
+
+def build_precise_loader(
+    dataset: Dataset, cfg: Config, rank: int, world_size: int, pin_memory: bool
+) -> DataLoader | None:
+    """PreciseBN's slice of the training data (of the model, or of the EMA), when one is configured: a train
+    loader with its own seed, always read from epoch 0, so it yields the same samples every time."""
+    if not (cfg.syncbn.precise_bn_samples or (cfg.train.ema_decay and cfg.train.ema_buffers == "precise")):
+        return None
+    return build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory)
 
 
 def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
