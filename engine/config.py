@@ -446,7 +446,7 @@ def reference() -> list[tuple[str, Any, str]]:
     """(dotted key, default, meaning) of every key, in schema order."""
     rows = []
     for section, value in config_to_dict(Config()).items():
-        items = value.items() if isinstance(value, dict) and section != "output_dir" else [(None, value)]
+        items = value.items() if isinstance(value, dict) else [(None, value)]
         for key, default in items:
             dotted = section if key is None else f"{section}.{key}"
             rows.append((dotted, default, HELP[dotted]))

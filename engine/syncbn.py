@@ -621,22 +621,20 @@ def _pool_buffers(rows: Tensor, layers: list[_BatchNorm]) -> Tensor:
 # --------------------------------------------------------------------------------------------- PreciseBN
 
 
-def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, M2) per channel of one layer input, in fp64 (two-pass: no E[x^2] - E[x]^2 cancellation)."""
-    xt = x.detach().transpose(0, 1).reshape(x.size(1), -1).double()
-    count = xt.new_tensor(float(xt.size(1)))
-    if xt.size(1) == 0:
-        return count, xt.new_zeros(x.size(1)), xt.new_zeros(x.size(1))
-    mean = xt.mean(1)
-    return count, mean, ((xt - mean[:, None]) ** 2).sum(1)
+def _batch_moments(x: Tensor) -> tuple[float, Tensor, Tensor]:
+    """(count, mean, M2) per channel of one layer input: the layer's own fused Welford pass (:func:`_local_moments`),
+    the count taken from the shape (no device-to-host sync inside the forward), the moments kept in fp64."""
+    count = float(x.numel() // x.size(1))
+    _, mean, m2 = _local_moments(x.detach(), _stat_dtype(x.dtype))
+    return count, mean.double(), m2.double()
 
 
-def _merge(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries."""
+def _merge(a: tuple[float, Tensor, Tensor], b: tuple[float, Tensor, Tensor]) -> tuple[float, Tensor, Tensor]:
+    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries; counts are host numbers."""
     na, ma, m2a = a
     nb, mb, m2b = b
     n = na + nb
-    if float(n) == 0:
+    if n == 0:
         return a
     delta = mb - ma
     return n, ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n)
@@ -706,23 +704,20 @@ def _set_population_stats(layers: list[_BatchNorm], summaries: dict, sync: tuple
     """Merge every rank's summaries (one all-gather for all layers, folded in rank order) and set the buffers."""
     parts = []
     for layer in layers:
-        count, mean, m2 = summaries.get(layer, (torch.zeros((), dtype=torch.float64, device=layer.running_mean.device),
-                                               torch.zeros_like(layer.running_mean, dtype=torch.float64),
-                                               torch.zeros_like(layer.running_mean, dtype=torch.float64)))
-        parts += [count.view(1), mean, m2]
+        zeros = torch.zeros_like(layer.running_mean, dtype=torch.float64)
+        count, mean, m2 = summaries.get(layer, (0.0, zeros, zeros))
+        parts += [mean.new_tensor([count]), mean, m2]
     flat = torch.cat(parts)
     rows = _all_gather_rows(flat, sync[0], sync[1]) if sync is not None else flat[None]
     offset = 0
     for layer in layers:
         channels = layer.num_features
         merged = None
-        for row in rows:
-            count = row[offset]
-            mean = row[offset + 1 : offset + 1 + channels]
-            m2 = row[offset + 1 + channels : offset + 1 + 2 * channels]
-            merged = (count, mean, m2) if merged is None else _merge(merged, (count, mean, m2))
+        for row, count in zip(rows, rows[:, offset].tolist()):
+            summary = (count, row[offset + 1 : offset + 1 + channels], row[offset + 1 + channels : offset + 1 + 2 * channels])
+            merged = summary if merged is None else _merge(merged, summary)
         offset += 1 + 2 * channels
         count, mean, m2 = merged
-        if float(count) > 1:
+        if count > 1:
             layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
             layer.running_var.copy_((m2 / (count - 1)).to(layer.running_var.dtype))

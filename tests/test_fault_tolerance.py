@@ -91,30 +91,26 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_pat
     assert load_last(on_one_process)["step"] == STEPS  # continued at the same sample, not at the epoch start
 
 
-def test_max_restarts_resumes_after_a_crash(reference: dict, tmp_path: Path) -> None:
-    """torchrun --max-restarts=1: rank 1 raises at step 11, all workers restart, resume from step 9, finish exact."""
+@pytest.mark.parametrize(
+    ("kind", "rank", "says"),
+    [
+        ("raise", 1, "injected fault on rank 1 at step 11"),
+        # rank 0 holds the run-dir lock: the restarted rank 0 takes over the dead holder's lock (its loader worker
+        # may hold it a few seconds longer)
+        ("sigkill", 0, ""),
+    ],
+    ids=["rank-1-raises", "rank-0-sigkilled"],
+)
+def test_max_restarts_resumes_after_a_crash(reference: dict, tmp_path: Path, kind: str, rank: int, says: str) -> None:
+    """torchrun --max-restarts=1: a rank fails at step 11, all workers restart, resume from step 9, finish exact."""
     run_dir = tmp_path / "run"
-    fault = dict(debug__fault_kind="raise", debug__fault_rank=1, debug__fault_step=11, debug__fault_once=True)
+    fault = dict(debug__fault_kind=kind, debug__fault_rank=rank, debug__fault_step=11, debug__fault_once=True)
     # torchrun shares its rendezvous TCPStore with the workers by default, and restarted gloo workers then read the
     # dead round's addresses ("Connection refused" in connectFullMesh; pytorch/pytorch#135712): opt out, as users must
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2, env=env, launcher_args=["--max-restarts=1"])
     assert rc == 0, err[-3000:]
-    assert "injected fault on rank 1 at step 11" in err
-    assert "resumed from" in out
-    final = load_last(run_dir)
-    assert final["step"] == STEPS
-    assert_same_weights(final["model"], reference["model"])
-
-
-def test_max_restarts_resumes_after_sigkill_of_rank_0(reference: dict, tmp_path: Path) -> None:
-    """torchrun --max-restarts=1: rank 0 (the run-dir lock's holder) is SIGKILLed at step 11; the restarted rank 0
-    takes over the dead holder's lock (its loader worker may hold it a few seconds longer) and the run ends exact."""
-    run_dir = tmp_path / "run"
-    fault = dict(debug__fault_kind="sigkill", debug__fault_rank=0, debug__fault_step=11, debug__fault_once=True)
-    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2, env=env, launcher_args=["--max-restarts=1"])
-    assert rc == 0, err[-3000:]
+    assert says in err
     assert "resumed from" in out
     final = load_last(run_dir)
     assert final["step"] == STEPS
