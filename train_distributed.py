@@ -48,10 +48,11 @@ from engine.distributed import barrier, cleanup, init_distributed, launch_world_
 from engine.ema import ModelEma, evaluate_ema
 from engine.errors import UserError
 from engine.faults import FaultInjector
-from engine.logging import MetricsWriter, log_banner, log_epoch, print_error, setup_logger
+from engine.logging import MetricsWriter, format_metrics, log_banner, log_epoch, print_error, setup_logger
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
 from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm
+from engine.tasks import build_task
 from engine.trainer import TrainLoop, TrainState, evaluate, settle_bn_statistics, train_one_epoch
 from engine.watchdog import watch_steps
 from models import build_model
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per rank: dropout and the like differ across ranks
 
     # 3. model: build, move, BatchNorm -> SyncBatchNorm (or ghost BN), then DDP
-    model = build_model(cfg.model).to(ctx.device)
+    task = build_task(cfg)  # classification or segmentation: the loss of a batch, the validation scores
+    model = build_model(cfg.model, cfg.task).to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.syncbn.enabled:
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     precise_loader = build_precise_loader(datasets.train, cfg, ctx.rank, ctx.world_size, pin)  # None: not needed
+    score = partial(evaluate, loader=val_loader, task=task, device=ctx.device, cfg=cfg.train)  # exact, all ranks
 
     # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
     global_batch, steps = global_batch_size(cfg, ctx.world_size), steps_per_epoch(train_loader, cfg.train.accumulate_steps)
@@ -108,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpointer.load_model(resume_path)
             log.info(f"evaluating {resume_path}")
         settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
-        metrics = evaluate(raw_model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
-        log.info("eval  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.info(f"eval  {format_metrics(score(raw_model))}")
         return 0
     if resume_path is not None:
         checkpointer.resume(resume_path, state)
@@ -123,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         MetricsWriter(cfg.output_dir, ctx.is_main, cfg.train.tensorboard) as writer,
         watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
     ):
-        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, ctx.device, steps, global_batch, ctx.is_main,
-                         checkpointer, writer, ema, FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
+        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, ctx.device, steps, global_batch,
+                         ctx.is_main, checkpointer, writer, ema,
+                         FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             trained = train_one_epoch(loop, train_loader, state, stop)
@@ -135,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
             settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
-            metrics = evaluate(raw_model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
+            metrics = score(raw_model)
             if ema is not None:
-                metrics |= evaluate_ema(ema, val_loader, precise_loader, cfg, ctx.device)
+                metrics |= evaluate_ema(ema, score, precise_loader, cfg)
             record = {
                 "epoch": state.epoch + 1,
                 "train_loss": state.train_loss,

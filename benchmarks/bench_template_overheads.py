@@ -89,6 +89,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     from engine.optim import build_optimizer, build_scheduler
     from engine.preemption import StopSignal
     from engine.syncbn import convert_sync_batchnorm
+    from engine.tasks import ClassificationTask
     from engine.trainer import TrainLoop, TrainState, evaluate, train_one_epoch
     from models import build_model
 
@@ -110,8 +111,8 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
     batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
-    loop = TrainLoop(model, opt, sched, scaler, cfg.train, torch.device("cpu"), STEPS_PER_EPOCH, 32 * world,
-                     log_enabled=rank == 0)
+    loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), torch.device("cpu"), STEPS_PER_EPOCH,
+                     32 * world, log_enabled=rank == 0)
     loss_sum = torch.zeros(())
     logger = MetricLogger("bench", 10**9, rank == 0, False)
     ticker = iter(logger.log_every(iter(int, 1), 10**9, 32))  # endless: one next() per step
@@ -147,7 +148,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
         logger.update(loss=1.0, lr=0.1)
 
     def eval_once():  # scaled to per-step below: the template evaluates once per epoch
-        evaluate(raw, val_loader, torch.device("cpu"), "off", False)
+        evaluate(raw, val_loader, ClassificationTask(), torch.device("cpu"), cfg.train)
         model.train()
 
     # order within a round: as listed, reversed every other round

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 
 from engine.config import Config, DataConfig
 from engine.distributed import cpus_per_process
 from engine.errors import DataError
+from engine.tasks import IGNORE_INDEX
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -142,8 +144,25 @@ def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: i
         dataset,
         batch_size=cfg.val_batch_size or cfg.batch_size,
         sampler=ShardedEvalSampler(dataset, world_size, rank),
+        collate_fn=pad_collate,
         **_loader_kwargs(cfg, pin_memory),
     )
+
+
+def pad_collate(batch: list[tuple[Any, Any]]) -> Any:
+    """torch's default collation, except that images of different sizes (segmentation evaluation keeps each
+    image's own) are padded at the bottom and right to the batch's largest: images with 0, masks with the ignore
+    index, so padding is never scored. (A net sees the padding as context: ``data.val_batch_size: 1`` scores
+    every image alone.)"""
+    images = [image for image, _ in batch]
+    if all(image.shape == images[0].shape for image in images):
+        return default_collate(batch)
+    height, width = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value)
+
+    return torch.stack([pad(i, 0) for i in images]), torch.stack([pad(m, IGNORE_INDEX) for _, m in batch])
 
 
 def steps_per_epoch(loader: DataLoader, accumulate_steps: int) -> int:

@@ -27,7 +27,8 @@ DATASETS: dict[str, Builder] = {}
 
 def register_dataset(name: str) -> Callable[[Builder], Builder]:
     """Make ``data.name: <name>`` build this: ``builder(cfg: DataConfig, num_classes: int, seed: int, **data.kwargs)
-    -> DatasetPair``, whose splits yield ``(image tensor, int label)``."""
+    -> DatasetPair``, whose splits yield ``(image tensor, int label)``, or for segmentation ``(image tensor,
+    int64 mask (H, W))`` with 255 for pixels to ignore."""
 
     def wrap(fn: Builder) -> Builder:
         DATASETS[name] = fn

@@ -22,11 +22,19 @@ from engine.errors import ConfigError
 __all__ = ["Config", "ConfigError", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
 
 
+TASKS = ("classification", "segmentation")
+# what train.best_metric may name, per task (the task's first metric is its "auto")
+CLASSIFICATION_METRICS = ("val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema")
+SEGMENTATION_METRICS = ("val_miou", "val_pixel_acc", "val_miou_ema", "val_pixel_acc_ema")
+TASK_METRICS = {"classification": CLASSIFICATION_METRICS, "segmentation": SEGMENTATION_METRICS}
+
+
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
     num_classes: int = 10
     pretrained: bool = False  # torchvision weights; needs them cached locally (no download in this template)
+    aux_loss_weight: float = 0.0  # segmentation: > 0 builds the auxiliary head and adds its weighted loss
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
 
@@ -37,7 +45,9 @@ class DataConfig:
     batch_size: int = 32  # per process
     val_batch_size: int = 0  # per process; 0 = same as batch_size
     num_workers: int | Literal["auto"] = "auto"  # auto: from the CPUs each process of this node gets
-    image_size: int = 32
+    image_size: int = 32  # segmentation: the training crop
+    base_size: int = 0  # segmentation: short side before the random scale, and for evaluation; 0 = as stored
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # segmentation: random rescale factors
     augment: bool = True
     drop_last: bool = True
     download: bool = False  # cifar only: opt in to downloading
@@ -58,7 +68,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "poly", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     step_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # epochs, for schedule=step
     step_gamma: float = 0.1
@@ -80,7 +90,8 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(d, (1 + u) / (10 + u)) after u updates
     ema_every: int = 1  # optimizer steps between EMA updates
     ema_buffers: Literal["average", "copy", "precise"] = "copy"  # the EMA's BatchNorm buffers
-    best_metric: Literal["val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema"] = "val_acc1"  # picks best.pt
+    best_metric: Literal["auto", "val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema", "val_miou", "val_pixel_acc",
+                         "val_miou_ema", "val_pixel_acc_ema"] = "auto"  # picks best.pt (auto: the task's first)
     print_freq: int = 20
     progress_bar: bool = True
     tensorboard: bool = True
@@ -121,6 +132,7 @@ class DebugConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    task: Literal[TASKS] = "classification"  # decides targets, loss and metrics
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -251,7 +263,19 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
         _apply_override(raw, override)
     cfg = _build(Config, raw, "")
     validate(cfg)
-    return resolve_norm_batch(cfg, world_size)
+    return resolve_norm_batch(resolve_best_metric(cfg), world_size)
+
+
+def resolve_best_metric(cfg: Config) -> Config:
+    """``train.best_metric: auto`` -> the task's headline metric (val_acc1, val_miou); another task's metric is an
+    error naming the ones this task has."""
+    metrics = TASK_METRICS[cfg.task]
+    if cfg.train.best_metric == "auto":
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, best_metric=metrics[0]))
+    if cfg.train.best_metric not in metrics:
+        raise ConfigError(f"train.best_metric: {cfg.train.best_metric} is not a metric of task {cfg.task} "
+                          f"(it has {', '.join(metrics)})")
+    return cfg
 
 
 def norm_batch_choices(batch: int, world_size: int) -> list[int]:
@@ -327,8 +351,15 @@ def validate(cfg: Config) -> None:
          "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
         (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
          f"must divide data.batch_size ({cfg.data.batch_size})"),
-        (cfg.syncbn.enabled or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2, "data.batch_size",
-         "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
+        # (a segmentation net normalises over pixels too: one image per statistic is a batch of H x W values)
+        (cfg.syncbn.enabled or cfg.task == "segmentation" or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
+         "data.batch_size", "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
+        (cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must be >= 0 (0 = no auxiliary head)"),
+        (cfg.task == "segmentation" or cfg.model.aux_loss_weight == 0, "model.aux_loss_weight",
+         "needs task: segmentation"),
+        (cfg.data.base_size >= 0, "data.base_size", "must be >= 0 (0 = images as stored)"),
+        (len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
+         "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
         (cfg.dist.step_timeout_s >= 0, "dist.step_timeout_s", "must be >= 0 (0 = off)"),
         (cfg.output_dir.strip() != "", "output_dir", "must not be empty"),
@@ -370,16 +401,21 @@ def dump_config(cfg: Config, path: str) -> None:
 # defaults above (the README's table is tested against :func:`reference_table`), so they cannot disagree.
 HELP: dict[str, str] = {
     "output_dir": "everything the run writes (one run, one global batch per directory)",
-    "model.name": "registry name: a local model or any torchvision classification model",
+    "task": "classification or segmentation: decides targets, loss, metrics (README: Segmentation)",
+    "model.name": "registry name: a local model or a torchvision classification or segmentation model",
     "model.num_classes": "number of outputs (must match the dataset)",
     "model.pretrained": "torchvision weights (must be in the local cache)",
     "model.kwargs": "extra keyword arguments for the model's builder",
-    "data.name": "registry name: synthetic, cifar10, cifar100, imagefolder, fake, or your own",
+    "model.aux_loss_weight": "segmentation: > 0 builds the model's auxiliary head and adds this weight x its loss",
+    "data.name": "registry name: synthetic, cifar10, cifar100, imagefolder, fake; synthetic_segmentation, voc, "
+                 "segmentation_folder; or your own",
     "data.root": "where the dataset's files are",
     "data.batch_size": "samples per step **per process**",
     "data.val_batch_size": "evaluation batch per process; 0 = data.batch_size",
     "data.num_workers": "loader workers per process; auto: the CPUs each process of the node gets, minus one, at most 8",
-    "data.image_size": "training and evaluation image side, in pixels",
+    "data.image_size": "training and evaluation image side, in pixels; segmentation: the training crop",
+    "data.base_size": "segmentation: short side before the random scale, and at evaluation; 0 = as stored",
+    "data.scale_range": "segmentation training: the random rescale factor's range (x data.base_size)",
     "data.augment": "training augmentation (seeded per seed, epoch and sample)",
     "data.drop_last": "drop the last incomplete training batch",
     "data.download": "cifar: let torchvision fetch the archive into data.root",
@@ -395,7 +431,7 @@ HELP: dict[str, str] = {
     "train.momentum": "SGD momentum",
     "train.nesterov": "SGD with Nesterov momentum",
     "train.weight_decay": "weight decay (not on BatchNorm parameters and biases)",
-    "train.schedule": "cosine, step or constant; stepped per optimizer step",
+    "train.schedule": "cosine, poly (power 0.9), step or constant; stepped per optimizer step",
     "train.warmup_epochs": "linear warmup before the schedule, in epochs",
     "train.step_milestones": "step schedule: epochs at which the lr is multiplied by train.step_gamma",
     "train.step_gamma": "step schedule: the factor at each milestone",
@@ -417,7 +453,7 @@ HELP: dict[str, str] = {
     "train.ema_warmup": "EMA decay warmup: min(decay, (1 + u) / (10 + u)) after u updates",
     "train.ema_every": "optimizer steps between EMA updates",
     "train.ema_buffers": "the EMA's BatchNorm buffers: average (like the weights), copy (the model's), or precise",
-    "train.best_metric": "the metric that picks best.pt: val_acc1, val_acc5, val_acc1_ema or val_acc5_ema",
+    "train.best_metric": "the metric that picks best.pt; auto: val_acc1 (classification), val_miou (segmentation)",
     "train.print_freq": "steps between console lines and per-step TensorBoard points",
     "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
     "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",

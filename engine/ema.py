@@ -12,6 +12,7 @@ which neither averaging nor copying gives).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from engine.config import Config, TrainConfig
 from engine.syncbn import recompute_bn_stats
-from engine.trainer import consistent_bn_buffers, evaluate
+from engine.trainer import consistent_bn_buffers
 
 PRECISE_SAMPLES = 4096  # ema_buffers: precise, when syncbn.precise_bn_samples leaves the number open
 
@@ -63,12 +64,13 @@ class ModelEma:
         self.updates = int(state["updates"])
 
 
-def evaluate_ema(ema: ModelEma, val_loader: Any, precise_loader: Any, cfg: Config, device: torch.device) -> dict:
-    """The EMA, evaluated exactly like the model (``val_*_ema``), its BatchNorm buffers settled first."""
+def evaluate_ema(ema: ModelEma, score: Callable[[nn.Module], dict], precise_loader: Any, cfg: Config) -> dict:
+    """The EMA, scored exactly like the model (``score``: the run's evaluation of a module; keys ``val_*_ema``),
+    its BatchNorm buffers settled first."""
     if cfg.train.ema_buffers == "precise" and precise_loader is not None:
         precise_loader.sampler.set_epoch(0)  # the model's PreciseBN slice: the same samples every time
         recompute_bn_stats(ema.module, precise_loader, cfg.syncbn.precise_bn_samples or PRECISE_SAMPLES)
     else:
         consistent_bn_buffers(ema.module, cfg.syncbn)
-    metrics = evaluate(ema.module, val_loader, device, cfg.train.amp, cfg.train.channels_last)
+    metrics = score(ema.module)
     return {f"{key}_ema": value for key, value in metrics.items()}

@@ -14,6 +14,13 @@ class UserError(Exception):
     # every rank meets it alike (a config, a shared file, an agreed decision): only rank 0 prints it
     same_on_every_rank = True
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep the message
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        return text
+
 
 class ConfigError(UserError, ValueError):
     """A config problem, reported as one line naming the key or file."""
@@ -27,6 +34,12 @@ class LaunchError(UserError):
 
 class DataError(UserError, ValueError):
     """A data problem (missing root, empty folder, class-count mismatch), reported as one line."""
+
+
+class SampleError(DataError):
+    """A bad sample (a file named in the message), met by the rank that loads it."""
+
+    same_on_every_rank = False
 
 
 class ModelError(UserError, ValueError):

@@ -58,7 +58,7 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
     get_logger().info(
         f"== DDP + SyncBN template | world size {ctx.world_size} ({ctx.launcher}) | {per_node}"
         f"backend {ctx.backend or 'none'} | device {ctx.device}\n"
-        f"   model {cfg.model.name} ({cfg.model.num_classes} classes) | data {cfg.data.name} | "
+        f"   {cfg.task} | model {cfg.model.name} ({cfg.model.num_classes} classes) | data {cfg.data.name} | "
         f"batch {cfg.data.batch_size}/process x {ctx.world_size} x accum {cfg.train.accumulate_steps} = "
         f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
         f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
@@ -85,15 +85,20 @@ def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
 
 
 def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:
-    """The epoch line: losses, accuracies, lr, throughput of all processes, time, ETA."""
+    """The epoch line: losses, the task's scores (and the EMA's), lr, throughput of all processes, time, ETA."""
+    scores = {key: value for key, value in record.items() if key.startswith("val_")}
     get_logger().info(
-        f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
-        f"val_loss {record['val_loss']:.4f}  val_acc1 {record['val_acc1']:.2f}  "
-        f"val_acc5 {record['val_acc5']:.2f}  "
-        + (f"val_acc1_ema {record['val_acc1_ema']:.2f}  " if "val_acc1_ema" in record else "")
-        + f"lr {record['lr']:.4g}  "
-        f"{record['samples_per_s']:.0f} samples/s (all processes)  epoch {record['epoch_time_s']:.1f}s  eta {eta_s:.0f}s"
+        f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  {format_metrics(scores)}  "
+        f"lr {record['lr']:.4g}  {record['samples_per_s']:.0f} samples/s (all processes)  "
+        f"epoch {record['epoch_time_s']:.1f}s  eta {eta_s:.0f}s"
     )
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``val_loss 0.1234  val_acc1 56.78 ...``: the scalar scores (per-class lists go to metrics.jsonl and
+    TensorBoard only)."""
+    return "  ".join(f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.2f}"
+                     for key, value in metrics.items() if isinstance(value, float))
 
 
 class SmoothedValue:
@@ -202,6 +207,10 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.tb.add_scalar(_tb_tag(key), value, step)
+                elif isinstance(value, list):  # per class (val_iou): one curve each, None where undefined
+                    for index, item in enumerate(value):
+                        if item is not None:
+                            self.tb.add_scalar(f"{_tb_tag(key)}/{index}", item, step)
             self.tb.flush()
 
     def add_step(self, step: int, **values: float) -> None:

@@ -9,6 +9,8 @@ from torch import nn
 
 from engine.config import TrainConfig
 
+POLY_POWER = 0.9
+
 
 def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
     """The goyal et al. rule: lr grows with the global batch (linearly, by sqrt, or not at all)."""
@@ -31,7 +33,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step: linear warmup, then cosine, step or constant."""
+    """Stepped once per optimizer step: linear warmup, then cosine, poly (DeepLab's (1 - progress) ** 0.9, as in
+    torchvision's segmentation reference), step or constant."""
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     floor = cfg.min_lr / optimizer.param_groups[0]["lr"]
@@ -39,9 +42,11 @@ def build_scheduler(
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         if cfg.schedule == "cosine":
-            progress = (step - warmup) / max(total - warmup, 1)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule == "poly":
+            return floor + (1 - floor) * (1 - progress) ** POLY_POWER
         if cfg.schedule == "step":
             epoch = step // steps_per_epoch
             return cfg.step_gamma ** sum(epoch >= m for m in cfg.step_milestones)

@@ -9,19 +9,18 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from engine.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
 from engine.config import SyncBNConfig, TrainConfig
-from engine.distributed import all_reduce_sum
 from engine.errors import DataError, NonFiniteLossError
 from engine.faults import FaultInjector
 from engine.logging import MetricLogger, get_logger
 from engine.preemption import StopSignal
 from engine.syncbn import check_values_per_channel, recompute_bn_stats, sync_bn_buffers
+from engine.tasks import Task
 from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
@@ -85,6 +84,7 @@ class TrainLoop:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     cfg: TrainConfig
+    task: Task  # the loss of a batch
     device: torch.device
     steps_per_epoch: int
     global_batch: int  # samples per optimizer step over all processes
@@ -142,7 +142,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
         pending = None
         with sync_context:
             with _autocast(loop.device, cfg.amp):
-                loss = F.cross_entropy(model(images), targets, label_smoothing=cfg.label_smoothing)
+                loss = loop.task.loss(model(images), targets)
             if loop.faults is not None:
                 loss = loop.faults.corrupt_loss(loss, state.step)
             window.add(loss, len(targets))
@@ -245,29 +245,23 @@ def consistent_bn_buffers(model: nn.Module, cfg: SyncBNConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: str, channels_last: bool
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 over the whole validation set: sums and counts reduced across ranks.
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, cfg: TrainConfig) -> dict[str, Any]:
+    """The task's scores over the whole validation set (classification: loss, top-1, top-5; segmentation: loss,
+    mIoU, pixel accuracy, per-class IoU), from sums and counts reduced across ranks.
 
     ``model`` must be the unwrapped module: ranks may hold different numbers of batches,
-    so nothing inside the loop may communicate; the only collective is the final sum.
+    so nothing inside the loop may communicate; the only collective is the scorer's final sum.
     """
     model.eval()
     enter("evaluating", in_collective=False)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+    scorer = task.scorer(device)
     for images, targets in loader:
         progress()
-        images, targets = _to_device(images, device, channels_last), targets.to(device, non_blocking=True)
-        with _autocast(device, amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
-        totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               totals.new_tensor(len(targets))])
+        images, targets = _to_device(images, device, cfg.channels_last), targets.to(device, non_blocking=True)
+        with _autocast(device, cfg.amp):
+            output = model(images)
+        scorer.update(output, targets)
     enter("in the evaluation's final sum", in_collective=True)
-    loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
+    metrics = scorer.result()
     progress()
-    count = max(count, 1)
-    return {"val_loss": loss_sum / count, "val_acc1": 100 * top1 / count, "val_acc5": 100 * top5 / count}
+    return metrics

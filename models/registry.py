@@ -1,4 +1,4 @@
-"""The model registry: local builders first, then torchvision's classification models by name."""
+"""The model registry: local builders first, then torchvision's classification and segmentation models by name."""
 
 from __future__ import annotations
 
@@ -15,53 +15,83 @@ __all__ = ["MODELS", "ModelError", "build_model", "register_model"]
 
 Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {}
+MODEL_TASKS: dict[str, str] = {}  # local model name -> the task its output is for
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Make ``model.name: <name>`` build this; the builder gets ``num_classes`` and ``model.kwargs``."""
+def register_model(name: str, task: str = "classification") -> Callable[[Builder], Builder]:
+    """Make ``model.name: <name>`` build this; the builder gets ``num_classes`` and ``model.kwargs``. A
+    classification model returns logits (N, classes); a segmentation model logits (N, classes, H, W) at the input's
+    size (or a lower one: the loss upsamples), or torchvision's ``{"out": ..., "aux": ...}``."""
 
     def wrap(fn: Builder) -> Builder:
         MODELS[name] = fn
+        MODEL_TASKS[name] = task
         return fn
 
     return wrap
 
 
-def _torchvision_builder(name: str) -> Builder | None:
+def _torchvision_models(task: str) -> list[str]:
     from torchvision import models as tvm
 
-    return tvm.get_model_builder(name) if name in tvm.list_models(module=tvm) else None
+    return tvm.list_models(module=tvm.segmentation if task == "segmentation" else tvm)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs, on the CPU, in float32."""
+def _task_of(name: str) -> str | None:
+    if name in MODELS:
+        return MODEL_TASKS[name]
+    for task in ("classification", "segmentation"):
+        if name in _torchvision_models(task):
+            return task
+    return None
+
+
+def _local(task: str) -> str:
+    return ", ".join(name for name in sorted(MODELS) if MODEL_TASKS[name] == task)
+
+
+def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
+    """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs for ``task``, on the CPU, in float32."""
+    model_task = _task_of(cfg.name)
+    if model_task is None:
+        close = difflib.get_close_matches(cfg.name, sorted(MODELS) + _torchvision_models(task), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ModelError(f"model.name: unknown model '{cfg.name}'{hint}; local: {_local(task)}, "
+                         f"or any torchvision {task} model")
+    if model_task != task:
+        raise ModelError(f"model.name: '{cfg.name}' is a {model_task} model but task is {task}; "
+                         f"pick a {task} model (local: {_local(task)})")
     kwargs = dict(cfg.kwargs)
     if cfg.name in MODELS:
         if cfg.pretrained:
             raise ModelError(f"model.pretrained: local model '{cfg.name}' has no pretrained weights")
-        builder = MODELS[cfg.name]
-    else:
-        builder = _torchvision_builder(cfg.name)
-        if builder is None:
-            from torchvision import models as tvm
+        return _call(MODELS[cfg.name], cfg, num_classes=cfg.num_classes, **kwargs)
+    from torchvision import models as tvm
 
-            known = sorted(MODELS) + tvm.list_models(module=tvm)
-            close = difflib.get_close_matches(cfg.name, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ModelError(f"model.name: unknown model '{cfg.name}'{hint}; local: {', '.join(sorted(MODELS))}, "
-                             "or any torchvision classification model")
-        if cfg.pretrained:
-            kwargs.setdefault("weights", "DEFAULT")
+    builder = tvm.get_model_builder(cfg.name)
+    if task == "segmentation":
+        # pretrained: the backbone's ImageNet weights (the head is new, sized by num_classes); otherwise none, and
+        # no download (torchvision's deeplabv3 builders fetch the backbone's by default)
+        kwargs.setdefault("weights_backbone", "DEFAULT" if cfg.pretrained else None)
+        if cfg.aux_loss_weight > 0:
+            kwargs.setdefault("aux_loss", True)
+        return _call(builder, cfg, num_classes=cfg.num_classes, **kwargs)
+    if not cfg.pretrained:
+        return _call(builder, cfg, num_classes=cfg.num_classes, **kwargs)
+    # pretrained heads have a fixed size: load them, then replace the classifier
+    kwargs.setdefault("weights", "DEFAULT")
+    model = _call(builder, cfg, **kwargs)
+    _replace_classifier(model, cfg.num_classes)
+    return model
+
+
+def _call(builder: Builder, cfg: ModelConfig, **kwargs) -> nn.Module:
     try:
-        if cfg.pretrained:
-            # pretrained heads have a fixed size: load them, then replace the classifier below
-            model = builder(**kwargs)
-            _replace_classifier(model, cfg.num_classes)
-        else:
-            model = builder(num_classes=cfg.num_classes, **kwargs)
+        return builder(**kwargs)
     except TypeError as exc:
         raise ModelError(f"model.kwargs: {cfg.name} rejected its arguments: {exc}") from None
-    return model
+    except NotImplementedError as exc:  # torchvision's lraspp: "This model does not use auxiliary loss"
+        raise ModelError(f"model.aux_loss_weight: {cfg.name}: {exc} (set model.aux_loss_weight=0)") from None
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:

@@ -27,8 +27,9 @@ from engine.checkpoint import atomic_torch_save, check_model_compatible, load_ch
 from engine.config import load_config  # noqa: E402
 from engine.distributed import cleanup, init_distributed, launch_world_size  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.logging import print_error, setup_logger  # noqa: E402
+from engine.logging import format_metrics, print_error, setup_logger  # noqa: E402
 from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm, recompute_bn_stats  # noqa: E402
+from engine.tasks import build_task  # noqa: E402
 from engine.trainer import consistent_bn_buffers, evaluate  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -51,7 +52,8 @@ def recalibrate(argv: list[str] | None = None) -> str:
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)
     log = setup_logger(ctx.rank)
     checkpoint = load_checkpoint(args.checkpoint)
-    model = build_model(cfg.model).to(ctx.device)
+    task = build_task(cfg)
+    model = build_model(cfg.model, cfg.task).to(ctx.device)
     weights = strip_prefixes(checkpoint["model"])
     check_model_compatible(weights, model, args.checkpoint)
     model.load_state_dict(weights)
@@ -65,10 +67,10 @@ def recalibrate(argv: list[str] | None = None) -> str:
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed + 1, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     consistent_bn_buffers(model, cfg.syncbn)
-    before = evaluate(model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
+    before = evaluate(model, val_loader, task, ctx.device, cfg.train)
     train_loader.sampler.set_epoch(0)
     samples = recompute_bn_stats(model, train_loader, cfg.syncbn.precise_bn_samples or DEFAULT_SAMPLES)
-    after = evaluate(model, val_loader, ctx.device, cfg.train.amp, cfg.train.channels_last)
+    after = evaluate(model, val_loader, task, ctx.device, cfg.train)
 
     stem, _ = os.path.splitext(args.checkpoint)
     out = f"{stem}_recalibrated.pt"
@@ -77,7 +79,7 @@ def recalibrate(argv: list[str] | None = None) -> str:
         atomic_torch_save(checkpoint, out)
     log.info(f"recalibrated {args.checkpoint} on {samples} samples of '{cfg.data.name}' -> {out}")
     for name, metrics in (("before", before), ("after", after)):
-        log.info(f"{name:<6}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.info(f"{name:<6}  {format_metrics(metrics)}")
     return out
 
 

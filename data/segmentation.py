@@ -1,0 +1,152 @@
+"""Segmentation datasets on disk: Pascal VOC 2012 (``voc``) and any folder of images with integer masks
+(``segmentation_folder``). A sample is (normalised float image (3, H, W), int64 mask (H, W)), where 255 marks pixels
+that count for nothing (VOC's object borders, crop padding).
+
+Files are checked where it is cheap: every listed image and mask must exist when the dataset is built (one line
+naming the first missing file); a mask of another size than its image, or holding a class index >= the model's
+``num_classes`` other than 255, is reported by the rank that loads it, naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+from data.registry import DataError, DatasetPair, register_dataset
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
+from engine.config import DataConfig
+from engine.errors import SampleError
+from engine.tasks import IGNORE_INDEX
+
+VOC_CLASSES = 21  # background + 20 object classes
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class SegmentationFiles(Dataset):
+    """(image path, mask path) pairs; images decoded as RGB, masks as the class indices of an L- or P-mode PNG
+    (a palette PNG's indices are the classes, as in VOC)."""
+
+    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, transform: SegmentationTransform) -> None:
+        self.pairs, self.num_classes, self.transform = pairs, num_classes, transform
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        image_path, mask_path = self.pairs[index]
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            if image.size != mask.size:
+                raise SampleError(
+                    f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                    f"{image.size[0]}x{image.size[1]}"
+                )
+            if mask.mode not in ("L", "P"):
+                raise SampleError(
+                    f"{mask_path}: a mask must be a single-channel PNG of class indices (mode L or P), got mode {mask.mode}"
+                )
+            pixels = pil_to_tensor(image.convert("RGB"))
+            target = pil_to_tensor(mask)[0]
+        self._check_classes(target, mask_path)
+        image_tensor = (pixels.float() / 255 - self.mean) / self.std
+        image_tensor, target = self.transform(image_tensor, target)
+        return image_tensor, target.long()
+
+    def _check_classes(self, target: torch.Tensor, mask_path: str) -> None:
+        bad = target[(target != IGNORE_INDEX) & (target >= self.num_classes)]
+        if bad.numel():
+            raise SampleError(
+                f"{mask_path}: class index {int(bad.max())} >= model.num_classes {self.num_classes} "
+                f"(masks hold 0..{self.num_classes - 1}, or {IGNORE_INDEX} to ignore a pixel)"
+            )
+
+
+def segmentation_transforms(cfg: DataConfig) -> tuple[SegmentationTransform, SegmentationTransform]:
+    """Training: rescale (not with ``data.augment: false``), flip, crop to ``data.image_size``; evaluation: the
+    short side at ``data.base_size``."""
+    scale = cfg.scale_range if cfg.augment else (1.0, 1.0)
+    train = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=True)
+    val = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=False)
+    return train, val
+
+
+def _check_files(pairs: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:
+    for pair in pairs:
+        for path in pair:
+            if not os.path.isfile(path):
+                raise DataError(f"data.root: {what}: {path} not found")
+    return pairs
+
+
+def voc_root(root: str) -> str:
+    """The VOC2012 folder: ``root`` itself, or torchvision's ``root/VOCdevkit/VOC2012``."""
+    nested = os.path.join(root, "VOCdevkit", "VOC2012")
+    return nested if os.path.isdir(nested) else root
+
+
+@register_dataset("voc")
+def build_voc(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
+    """Pascal VOC 2012 segmentation: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs) and the split lists
+    ``ImageSets/Segmentation/{train,val}.txt`` (1464 and 1449 images; the "aug" split's list works the same)."""
+    if num_classes != VOC_CLASSES:
+        raise DataError(
+            f"model.num_classes is {num_classes} but voc has {VOC_CLASSES} classes (background + 20); "
+            f"set model.num_classes={VOC_CLASSES}"
+        )
+    root = voc_root(cfg.root)
+    if not os.path.isdir(root):
+        raise DataError(f"data.root: folder not found: {cfg.root}")
+    train_tf, val_tf = segmentation_transforms(cfg)
+    splits = []
+    for split, transform in (("train", train_tf), ("val", val_tf)):
+        listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+        if not os.path.isfile(listing):
+            raise DataError(
+                f"data.root: split file {listing} not found (expected the VOC2012 layout: JPEGImages/, "
+                "SegmentationClass/, ImageSets/Segmentation/{train,val}.txt)"
+            )
+        with open(listing, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+        pairs = [
+            (os.path.join(root, "JPEGImages", f"{name}.jpg"), os.path.join(root, "SegmentationClass", f"{name}.png"))
+            for name in names
+        ]
+        splits.append(SegmentationFiles(_check_files(pairs, listing), num_classes, transform))
+    return DatasetPair(*splits, VOC_CLASSES)
+
+
+def _folder_pairs(split_dir: str) -> list[tuple[str, str]]:
+    images_dir, masks_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
+    for folder in (images_dir, masks_dir):
+        if not os.path.isdir(folder):
+            raise DataError(f"data.root: no folder {folder} (expected data.root/{{train,val}}/{{images,masks}}/)")
+    masks = {os.path.splitext(name)[0]: name for name in os.listdir(masks_dir)}
+    pairs = []
+    for name in sorted(os.listdir(images_dir)):
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if stem not in masks:
+            raise DataError(f"data.root: image {os.path.join(images_dir, name)} has no mask {stem}.png in {masks_dir}")
+        pairs.append((os.path.join(images_dir, name), os.path.join(masks_dir, masks[stem])))
+    return pairs
+
+
+@register_dataset("segmentation_folder")
+def build_segmentation_folder(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
+    """``root/{train,val}/images/<name>.<jpg|png|...>`` with ``root/{train,val}/masks/<name>.png`` (class indices,
+    255 = ignore): any dataset with integer masks. The classes are ``model.num_classes``."""
+    if not os.path.isdir(cfg.root):
+        raise DataError(f"data.root: folder not found: {cfg.root}")
+    train_tf, val_tf = segmentation_transforms(cfg)
+    train, val = (
+        SegmentationFiles(_folder_pairs(os.path.join(cfg.root, split)), num_classes, transform)
+        for split, transform in (("train", train_tf), ("val", val_tf))
+    )
+    return DatasetPair(train, val, num_classes)
