@@ -92,6 +92,13 @@ def _call(builder: Builder, cfg: ModelConfig, **kwargs) -> nn.Module:
         raise ModelError(f"model.kwargs: {cfg.name} rejected its arguments: {exc}") from None
     except NotImplementedError as exc:  # torchvision's lraspp: "This model does not use auxiliary loss"
         raise ModelError(f"model.aux_loss_weight: {cfg.name}: {exc} (set model.aux_loss_weight=0)") from None
+    except OSError as exc:  # weights neither in torch's cache nor downloadable (no network): say where they go
+        if not cfg.pretrained:
+            raise
+        from torch.hub import get_dir
+
+        raise ModelError(f"model.pretrained: cannot load {cfg.name}'s weights ({exc}); put them in "
+                         f"{get_dir()}/checkpoints/ or set model.pretrained=false") from None
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:

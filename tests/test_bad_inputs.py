@@ -35,6 +35,7 @@ from tests.helpers.jobs import (
     wait_job,
     worker_pids,
 )
+from tests.helpers.segmentation import make_voc
 
 DEADLINE_S = 90.0  # any case: a hang is a failure, not a slow pass
 
@@ -115,6 +116,13 @@ def file_in_the_way(env: Env) -> str:
     return str(env.tmp / "file.txt" / "sub")
 
 
+def bad_voc(env: Env, defect: str, *extra: str) -> list[str]:
+    """A tiny VOC-format dataset with ``defect`` (see ``make_voc``), trained by small_segnet."""
+    root = make_voc(env.tmp / "voc", defect=defect)
+    return tiny(env, "task=segmentation", "model.name=small_segnet", "model.num_classes=21", "data.name=voc",
+                f"data.root={root}", "data.image_size=16", "data.batch_size=2", *extra)
+
+
 SINGLE = [
     Case("unknown_key", lambda e: tiny(e, "train.epoch=3"), "did you mean 'train.epochs'"),
     Case("unknown_section", lambda e: tiny(e, "trian.epochs=3"), "unknown config key 'trian'"),
@@ -150,6 +158,14 @@ SINGLE = [
     Case("num_classes_mismatch", lambda e: tiny(e, "data.name=imagefolder", f"data.root={e.images}"),
          "model.num_classes is 10 but dataset 'imagefolder'"),
     Case("bad_model_kwargs", lambda e: tiny(e, "model.kwargs={depth: 3}"), "model.kwargs"),
+    Case("classification_model_for_segmentation", lambda e: tiny(e, "task=segmentation", "model.name=resnet18"),
+         "'resnet18' is a classification model but task is segmentation"),
+    Case("segmentation_model_for_classification", lambda e: tiny(e, "model.name=small_segnet"),
+         "'small_segnet' is a segmentation model but task is classification"),
+    Case("mask_of_another_size", lambda e: bad_voc(e, "mask_size"), "2007_000000.png: mask is 37x30 but its image"),
+    Case("class_index_beyond_num_classes", lambda e: bad_voc(e, "class_index"),
+         "2007_000000.png: class index 30 >= model.num_classes 21"),
+    Case("missing_split_file", lambda e: bad_voc(e, "no_val_list"), "ImageSets/Segmentation/val.txt not found"),
     Case("fewer_samples_than_a_batch", lambda e: tiny(e, "data.num_train=8"), "no full step"),
     Case("unwritable_output_dir", lambda e: [*tiny(e), f"output_dir={file_in_the_way(e)}"], "output_dir: cannot write"),
     Case("missing_checkpoint", lambda e: tiny(e, f"train.resume={e.tmp}/none.pt"), "checkpoint not found"),
