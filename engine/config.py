@@ -278,10 +278,11 @@ def resolve_best_metric(cfg: Config) -> Config:
     return cfg
 
 
-def norm_batch_choices(batch: int, world_size: int) -> list[int]:
+def norm_batch_choices(batch: int, world_size: int, smallest: int = 2) -> list[int]:
     """Normalisation batches deliverable with ``batch`` per process on ``world_size`` processes: ghost splits of
-    one process's batch (batch / s), one process's batch, SyncBN groups of k consecutive ranks (batch x k)."""
-    ghost = [batch // s for s in range(1, batch + 1) if batch % s == 0 and batch // s >= 2]
+    one process's batch (batch / s, at least ``smallest``), one process's batch, SyncBN groups of k consecutive
+    ranks (batch x k)."""
+    ghost = [batch // s for s in range(1, batch + 1) if batch % s == 0 and batch // s >= smallest]
     groups = [batch * k for k in range(1, world_size + 1) if world_size % k == 0]
     return sorted(set(ghost + groups))
 
@@ -293,7 +294,8 @@ def resolve_norm_batch(cfg: Config, world_size: int) -> Config:
     n, batch = cfg.syncbn.norm_batch_size, cfg.data.batch_size
     if n == 0:
         return cfg
-    choices = norm_batch_choices(batch, world_size)
+    # a segmentation net normalises over pixels too: a statistic of one image is still many values
+    choices = norm_batch_choices(batch, world_size, smallest=1 if cfg.task == "segmentation" else 2)
     if n not in choices:
         below = [c for c in choices if c < n][-1:]
         above = [c for c in choices if c > n][:1]

@@ -3,7 +3,10 @@
 Called by ``scripts/verify_syncbn.py --config FILE`` inside an initialised process group. Every rank
 builds the same model and the same global batch (from the config's seed); each trains on its own slice
 through SyncBN + DDP, and also runs the reference (plain BatchNorm, the whole batch, one process) locally.
-After one optimizer step every parameter and BatchNorm buffer must agree.
+After one optimizer step every parameter and BatchNorm buffer must agree. Classification and segmentation
+configs alike: each rank's loss (the task's, a mean over its samples or labelled pixels) is weighted by its share
+of the global batch's, so the DDP average is exactly the loss of the whole batch even when ranks hold different
+numbers of labelled pixels.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_datasets
 from engine.config import load_config
 from engine.optim import build_optimizer
 from engine.syncbn import convert_sync_batchnorm
+from engine.tasks import IGNORE_INDEX, build_task
 from models import build_model
 
 
@@ -26,7 +29,12 @@ def _global_batch(cfg, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     train = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed).train
     torch.manual_seed(cfg.train.seed)  # any augmentation draws the same on every rank
     samples = [train[i] for i in range(cfg.data.batch_size * world_size)]
-    return torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])
+    return torch.stack([s[0] for s in samples]), torch.stack([torch.as_tensor(s[1]) for s in samples])
+
+
+def _counted(targets: torch.Tensor) -> torch.Tensor:
+    """What the task's loss averages over: samples (classification) or labelled pixels (segmentation)."""
+    return (targets != IGNORE_INDEX).sum() if targets.ndim > 1 else torch.tensor(len(targets))
 
 
 def check_model(config_path: str, device: torch.device, atol: float) -> int:
@@ -36,17 +44,19 @@ def check_model(config_path: str, device: torch.device, atol: float) -> int:
     images, targets = _global_batch(cfg, world_size)
     images, targets = images.to(device), targets.to(device)
 
+    task = build_task(cfg)
     torch.manual_seed(cfg.train.seed)
-    reference = build_model(cfg.model).to(device)
+    reference = build_model(cfg.model, cfg.task).to(device)
     synced = convert_sync_batchnorm(copy.deepcopy(reference), impl=cfg.syncbn.impl)
     ddp = DDP(synced, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
     b = cfg.data.batch_size
-    for model, x, y in ((ddp, images[rank * b : (rank + 1) * b], targets[rank * b : (rank + 1) * b]),
-                        (reference, images, targets)):
+    mine = slice(rank * b, (rank + 1) * b)
+    share = _counted(targets[mine]) * world_size / _counted(targets)  # DDP averages: this makes it the global mean
+    for model, x, y, weight in ((ddp, images[mine], targets[mine], share), (reference, images, targets, 1.0)):
         model.train()
         optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
-        F.cross_entropy(model(x), y).backward()  # DDP averages the per-rank means: the global-batch mean
+        (task.loss(model(x), y) * weight).backward()
         optimizer.step()
 
     reference_state, synced_state = reference.state_dict(), synced.state_dict()

@@ -186,6 +186,7 @@ def test_norm_batch_size_delivers_its_group_or_split_and_names_the_nearest_valid
     from engine.config import norm_batch_choices
 
     assert norm_batch_choices(8, 4) == [2, 4, 8, 16, 32]
+    assert norm_batch_choices(2, 4, smallest=1) == [1, 2, 4, 8]  # segmentation: one image per statistic
     cases = {  # N -> (enabled, group_size, virtual_splits), batch 8 per process on 4 processes
         16: (True, 2, 1), 32: (True, 0, 1), 8: (False, 0, 1), 4: (False, 0, 2), 2: (False, 0, 4),
     }

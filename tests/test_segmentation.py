@@ -20,7 +20,15 @@ from engine.config import load_config
 from engine.launch import spawn
 from engine.tasks import IGNORE_INDEX, SegmentationTask
 from engine.trainer import evaluate
-from tests.helpers.jobs import REPO_ROOT, error_lines, run_train, run_train_preloaded, tiny_overrides, torch_load
+from tests.helpers.jobs import (
+    REPO_ROOT,
+    error_lines,
+    killed_and_resumed,
+    run_train,
+    run_train_preloaded,
+    tiny_overrides,
+    torch_load,
+)
 from tests.helpers.segmentation import make_segmentation_folder, make_voc
 
 SEG_CONFIG = str(REPO_ROOT / "configs" / "segmentation.yaml")
@@ -130,6 +138,18 @@ def test_syncbn_two_processes_of_one_image_end_where_one_process_of_two_ends(tmp
     one, sync, local = (_weights(tmp_path / name) for name in ("one", "sync", "local"))
     assert (sync - one).abs().max() < 1e-4, "2 x 1 with SyncBN does not end where 1 x 2 ends"
     assert (local - one).abs().max() > 1e-2, "2 x 1 without SyncBN ends where 1 x 2 ends: the test cannot tell"
+
+
+def test_killed_and_resumed_segmentation_run_is_bit_identical(tmp_path: Path) -> None:
+    """Random scale, flip and crop (ignore-padded) are drawn per (seed, epoch, sample): a run SIGKILLed mid-epoch and
+    relaunched ends with the same bits as one that never stopped."""
+    reference, resumed, _ = killed_and_resumed(
+        tmp_path, task="segmentation", model__name="small_segnet", model__num_classes=7,
+        data__name="synthetic_segmentation", data__image_size=16, data__scale_range="[0.5, 2.0]")
+    want, got = reference["model"], resumed["model"]
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert [r["val_iou"] for r in reference["train_state"]["history"]] == [
+        r["val_iou"] for r in resumed["train_state"]["history"]]
 
 
 # ----------------------------------------------------------------------------- torchvision models on files

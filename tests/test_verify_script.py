@@ -12,7 +12,8 @@ from tests.helpers.jobs import REPO_ROOT, child_env
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("extra", [[], ["--config", "configs/default.yaml"]], ids=["layers", "model"])
+@pytest.mark.parametrize("extra", [[], ["--config", "configs/default.yaml"], ["--config", "configs/segmentation.yaml"]],
+                         ids=["layers", "model", "segmentation_model"])
 def test_verify_syncbn_passes(extra):
     result = subprocess.run([sys.executable, "scripts/verify_syncbn.py", "--nproc", "2", *extra], cwd=REPO_ROOT,
                             env=child_env(), capture_output=True, text=True, timeout=180)
