@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +142,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
         sync_context = nullcontext() if last_micro_step or not isinstance(model, DDP) else model.no_sync()
         pending = None
         with sync_context:
-            with _autocast(loop.device, cfg.amp):
+            with _autocast(loop.device, cfg.amp), _one_value_per_channel_is_a_data_error():
                 loss = loop.task.loss(model(images), targets)
             if loop.faults is not None:
                 loss = loop.faults.corrupt_loss(loss, state.step)
@@ -181,6 +182,20 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, stop
             return EpochResult(True, state.epoch_step - steps_before, time.perf_counter() - start)
         enter("loading data", in_collective=False, step=state.step)
     return EpochResult(False, state.epoch_step - steps_before, time.perf_counter() - start)
+
+
+@contextmanager
+def _one_value_per_channel_is_a_data_error() -> Iterator[None]:
+    """torch's BatchNorm refuses a training batch of one value per channel (one sample through a pooled feature,
+    as DeepLab's image pooling at one image per process): say so in one line, with the keys that fix it."""
+    try:
+        yield
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
+        shape = str(exc).rpartition("input size ")[2]
+        raise DataError(f"data.batch_size: a BatchNorm layer got one value per channel (input {shape}: one sample "
+                        "through a pooled feature); use data.batch_size >= 2 per process or syncbn.enabled=true") from None
 
 
 def _check_agreed(agreed: Agreement, state: TrainState, model: nn.Module) -> None:

@@ -116,8 +116,8 @@ def file_in_the_way(env: Env) -> str:
     return str(env.tmp / "file.txt" / "sub")
 
 
-def bad_voc(env: Env, defect: str, *extra: str) -> list[str]:
-    """A tiny VOC-format dataset with ``defect`` (see ``make_voc``), trained by small_segnet."""
+def bad_voc(env: Env, defect: str | None, *extra: str) -> list[str]:
+    """A tiny VOC-format dataset with ``defect`` (see ``make_voc``; None: none), trained by small_segnet."""
     root = make_voc(env.tmp / "voc", defect=defect)
     return tiny(env, "task=segmentation", "model.name=small_segnet", "model.num_classes=21", "data.name=voc",
                 f"data.root={root}", "data.image_size=16", "data.batch_size=2", *extra)
@@ -166,6 +166,9 @@ SINGLE = [
     Case("class_index_beyond_num_classes", lambda e: bad_voc(e, "class_index"),
          "2007_000000.png: class index 30 >= model.num_classes 21"),
     Case("missing_split_file", lambda e: bad_voc(e, "no_val_list"), "ImageSets/Segmentation/val.txt not found"),
+    Case("one_image_through_deeplab_image_pooling_without_syncbn",
+         lambda e: bad_voc(e, None, "model.name=deeplabv3_mobilenet_v3_large", "model.kwargs={}", "data.batch_size=1",
+                           "syncbn.enabled=false"), "a BatchNorm layer got one value per channel (input torch.Size([1, "),
     Case("fewer_samples_than_a_batch", lambda e: tiny(e, "data.num_train=8"), "no full step"),
     Case("unwritable_output_dir", lambda e: [*tiny(e), f"output_dir={file_in_the_way(e)}"], "output_dir: cannot write"),
     Case("missing_checkpoint", lambda e: tiny(e, f"train.resume={e.tmp}/none.pt"), "checkpoint not found"),

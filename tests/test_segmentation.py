@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data import build_datasets
 from data.loaders import build_val_loader, pad_collate
@@ -178,11 +179,16 @@ def test_lraspp_trains_on_a_segmentation_folder(tmp_path: Path, folder: Path) ->
     # validation batches of 2 images of different sizes: padded, the padding ignored
     args = tiny_overrides(tmp_path / "run", data__name="segmentation_folder", data__root=folder,
                           model__name="lraspp_mobilenet_v3_large", model__num_classes=FOLDER_CLASSES, model__kwargs="{}",
-                          data__image_size=32, data__batch_size=2, data__val_batch_size=2, train__epochs=1)
+                          data__image_size=32, data__batch_size=2, data__val_batch_size=2, train__epochs=1,
+                          train__tensorboard=True)
     rc, out, err = run_train_preloaded(args, config=SEG_CONFIG)
     assert rc == 0, err[-3000:]
     (record,) = _records(tmp_path / "run")
     assert len(record["val_iou"]) == FOLDER_CLASSES and "val_miou" in out
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    per_class = {f"val/iou/{c}" for c, iou in enumerate(record["val_iou"]) if iou is not None}
+    assert {"val/miou", "val/pixel_acc", "val/loss", *per_class} <= set(events.Tags()["scalars"])
 
 
 def test_a_bad_mask_met_by_a_loader_worker_is_one_line(tmp_path: Path) -> None:
