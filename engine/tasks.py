@@ -28,8 +28,6 @@ def main_output(output: Tensor | dict[str, Tensor]) -> Tensor:
 class ClassificationTask:
     """Integer labels; cross-entropy; top-1 and top-5 accuracy (percent)."""
 
-    name = "classification"
-
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
@@ -62,8 +60,6 @@ class ClassificationScorer:
 class SegmentationTask:
     """Integer masks (N, H, W) with ``IGNORE_INDEX`` for pixels that do not count; per-pixel cross-entropy (plus
     ``aux_weight`` x the auxiliary head's, when the model has one); pixel accuracy and IoU (percent)."""
-
-    name = "segmentation"
 
     def __init__(self, num_classes: int, aux_weight: float = 0.0, label_smoothing: float = 0.0) -> None:
         self.num_classes, self.aux_weight, self.label_smoothing = num_classes, aux_weight, label_smoothing
