@@ -91,32 +91,30 @@ def voc_root(root: str) -> str:
 
 
 @register_dataset("voc")
-def build_voc(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
+def build_voc(cfg: DataConfig, num_classes: int, seed: int, train_split: str = "train", val_split: str = "val",
+              masks: str = "SegmentationClass") -> DatasetPair:
     """Pascal VOC 2012 segmentation: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs) and the split lists
-    ``ImageSets/Segmentation/{train,val}.txt`` (1464 and 1449 images; the "aug" split's list works the same)."""
+    ``ImageSets/Segmentation/{train,val}.txt`` (1464 and 1449 images). The augmented set of DeepLab's papers (SBD's
+    10,582 training masks) is ``data.kwargs: {train_split: train_aug, masks: SegmentationClassAug}``, with its list
+    and masks put beside VOC's."""
     if num_classes != VOC_CLASSES:
-        raise DataError(
-            f"model.num_classes is {num_classes} but voc has {VOC_CLASSES} classes (background + 20); "
-            f"set model.num_classes={VOC_CLASSES}"
-        )
+        raise DataError(f"model.num_classes is {num_classes} but voc has {VOC_CLASSES} classes (background + 20); "
+                        f"set model.num_classes={VOC_CLASSES}")
     root = voc_root(cfg.root)
     if not os.path.isdir(root):
         raise DataError(f"data.root: folder not found: {cfg.root}")
     train_tf, val_tf = segmentation_transforms(cfg)
     splits = []
-    for split, transform in (("train", train_tf), ("val", val_tf)):
+    for split, transform in ((train_split, train_tf), (val_split, val_tf)):
         listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
         if not os.path.isfile(listing):
-            raise DataError(
-                f"data.root: split file {listing} not found (expected the VOC2012 layout: JPEGImages/, "
-                "SegmentationClass/, ImageSets/Segmentation/{train,val}.txt)"
-            )
+            raise DataError(f"data.root: split file {listing} not found (expected the VOC2012 layout: JPEGImages/, "
+                            f"{masks}/, ImageSets/Segmentation/{split}.txt)")
         with open(listing, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-        pairs = [
-            (os.path.join(root, "JPEGImages", f"{name}.jpg"), os.path.join(root, "SegmentationClass", f"{name}.png"))
-            for name in names
-        ]
+            # a name per line (VOC), or DeepLab's "/JPEGImages/<name>.jpg /SegmentationClassAug/<name>.png"
+            names = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
+        pairs = [(os.path.join(root, "JPEGImages", f"{name}.jpg"), os.path.join(root, masks, f"{name}.png"))
+                 for name in names]
         splits.append(SegmentationFiles(_check_files(pairs, listing), num_classes, transform))
     return DatasetPair(*splits, VOC_CLASSES)
 

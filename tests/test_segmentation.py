@@ -175,6 +175,20 @@ def test_deeplabv3_with_aux_head_trains_on_a_voc_layout_in_two_processes(tmp_pat
     assert any(key.startswith("aux_classifier") for key in state), "the auxiliary head was not built"
 
 
+def test_voc_reads_the_augmented_split_through_data_kwargs(tmp_path: Path) -> None:
+    voc = make_voc(tmp_path, train=4, val=3) / "VOCdevkit" / "VOC2012"
+    (voc / "SegmentationClass").rename(voc / "SegmentationClassAug")
+    lists = voc / "ImageSets" / "Segmentation"
+    names = (lists / "train.txt").read_text().split() + (lists / "val.txt").read_text().split()
+    # DeepLab's list format: image and mask paths
+    (lists / "train_aug.txt").write_text("".join(f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n" for n in names))
+    cfg = load_config(SEG_CONFIG, ["data.name=voc", f"data.root={tmp_path}", "model.num_classes=21",
+                                   "data.kwargs={train_split: train_aug, masks: SegmentationClassAug}"])
+    pair = build_datasets(cfg.data, 21, cfg.train.seed)
+    assert (len(pair.train), len(pair.val)) == (7, 3)
+    assert pair.train[6][1].shape == (cfg.data.image_size, cfg.data.image_size)
+
+
 def test_lraspp_trains_on_a_segmentation_folder(tmp_path: Path, folder: Path) -> None:
     # validation batches of 2 images of different sizes: padded, the padding ignored
     args = tiny_overrides(tmp_path / "run", data__name="segmentation_folder", data__root=folder,
