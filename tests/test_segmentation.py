@@ -7,6 +7,8 @@ Bad segmentation input (mask sizes, class indices, split files, a classification
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from engine.tasks import IGNORE_INDEX, SegmentationTask
 from engine.trainer import evaluate
 from tests.helpers.jobs import (
     REPO_ROOT,
+    child_env,
     error_lines,
     killed_and_resumed,
     run_train,
@@ -273,3 +276,17 @@ def test_segmentation_default_learns(tmp_path: Path) -> None:
     records = _records(tmp_path / "run")
     # predicting one class everywhere scores at most 100 / 7 (one IoU of at most 100, six of 0)
     assert records[-1]["val_miou"] > 40, records
+
+
+@pytest.mark.slow
+def test_compare_bn_modes_writes_its_table_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bn_modes"
+    command = [sys.executable, "scripts/compare_bn_modes.py", "--nproc", "2", "--modes", "ghost,sync+precise",
+               "--out", str(out), "--precise-samples", "16", "train.epochs=1", "data.num_train=32", "data.num_val=8",
+               "data.image_size=16", "model.kwargs={width: 4}", "dist.timeout_s=60"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in (out / "bn_modes.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["ghost", "sync+precise"]
+    assert [row.split("|")[2].strip() for row in rows[1:]] == ["1", "4"]  # normalisation batches
+    assert (out / "bn_modes.png").read_bytes()[:4] == b"\x89PNG"
