@@ -44,7 +44,7 @@ from data import build_datasets
 from data.loaders import build_precise_loader, build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
 from engine.config import global_batch_size
-from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, rank0_decides
+from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, lost_a_peer, rank0_decides
 from engine.ema import ModelEma, evaluate_ema
 from engine.errors import UserError
 from engine.faults import FaultInjector
@@ -166,6 +166,11 @@ def run(argv: list[str] | None = None) -> int:
         return main(argv)
     except UserError as exc:
         print_error(str(exc), exc.same_on_every_rank)
+        return 1
+    except RuntimeError as exc:
+        if not lost_a_peer(exc):
+            raise
+        print_error("another process of the job ended first (its error is above; torchrun's summary names it)")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

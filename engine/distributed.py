@@ -242,6 +242,16 @@ def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_
     return ctx
 
 
+# what a collective raises when another process of the job is gone: that process's error is the one to read
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank's process ended (gloo, NCCL), not a problem
+    of this rank: that rank says what went wrong, this one need not add a traceback."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_LOST)
+
+
 def cleanup() -> None:
     """Destroy the process group so NCCL/gloo shut down cleanly and the exit code is ours."""
     if dist.is_available() and dist.is_initialized():

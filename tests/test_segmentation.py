@@ -220,6 +220,19 @@ def test_a_bad_mask_met_by_a_loader_worker_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.slow
+def test_a_bad_mask_on_one_rank_ends_the_job_with_its_line_and_no_peer_traceback(tmp_path: Path) -> None:
+    """The rank that loads the bad file says so; its peer, waiting in a SyncBN collective, loses the connection
+    and says only that another process ended first (or is stopped by torchrun before it can): no traceback."""
+    root = make_voc(tmp_path / "voc", defect="class_index")
+    args = tiny_overrides(tmp_path / "run", data__name="voc", data__root=root, model__num_classes=21,
+                          data__image_size=16, data__batch_size=1)
+    rc, out, err = run_train(args, nproc=2, config=SEG_CONFIG, timeout=90)
+    assert rc != 0
+    assert any("2007_000000.png: class index 30 >= model.num_classes 21" in line for line in error_lines(err)), err[-3000:]
+    assert "Connection closed by peer" not in err and "]: Traceback" not in err, err[-3000:]
+
+
 # ----------------------------------------------------------------------------- transforms and collation
 
 
