@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.tasks import IGNORE_INDEX
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -47,10 +49,8 @@ class SegmentationTransform:
     Takes a float image (C, H, W), already normalised, and an integer mask (H, W).
     """
 
-    def __init__(self, crop_size: int, base_size: int, scale_range: list[float] | tuple[float, float], train: bool,
-                 ignore_index: int = 255) -> None:
+    def __init__(self, crop_size: int, base_size: int, scale_range: list[float] | tuple[float, float], train: bool) -> None:
         self.crop, self.base, self.scale_range, self.train = crop_size, base_size, tuple(scale_range), train
-        self.ignore_index = ignore_index
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         short = self.base or min(image.shape[-2:])
@@ -65,7 +65,7 @@ class SegmentationTransform:
         pad_h, pad_w = max(self.crop - image.shape[-2], 0), max(self.crop - image.shape[-1], 0)
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=self.ignore_index)
+            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         top = int(torch.randint(image.shape[-2] - self.crop + 1, ()))
         left = int(torch.randint(image.shape[-1] - self.crop + 1, ()))
         window = (..., slice(top, top + self.crop), slice(left, left + self.crop))

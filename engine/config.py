@@ -27,6 +27,7 @@ TASKS = ("classification", "segmentation")
 CLASSIFICATION_METRICS = ("val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema")
 SEGMENTATION_METRICS = ("val_miou", "val_pixel_acc", "val_miou_ema", "val_pixel_acc_ema")
 TASK_METRICS = {"classification": CLASSIFICATION_METRICS, "segmentation": SEGMENTATION_METRICS}
+BEST_METRICS = ("auto", *CLASSIFICATION_METRICS, *SEGMENTATION_METRICS)
 
 
 @dataclass
@@ -90,8 +91,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(d, (1 + u) / (10 + u)) after u updates
     ema_every: int = 1  # optimizer steps between EMA updates
     ema_buffers: Literal["average", "copy", "precise"] = "copy"  # the EMA's BatchNorm buffers
-    best_metric: Literal["auto", "val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema", "val_miou", "val_pixel_acc",
-                         "val_miou_ema", "val_pixel_acc_ema"] = "auto"  # picks best.pt (auto: the task's first)
+    best_metric: Literal[BEST_METRICS] = "auto"  # picks best.pt (auto: the task's first)
     print_freq: int = 20
     progress_bar: bool = True
     tensorboard: bool = True

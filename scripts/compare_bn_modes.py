@@ -6,10 +6,10 @@ statistics, and a plot of the validation score per epoch.
     python scripts/compare_bn_modes.py                                  # configs/segmentation.yaml on 4 processes
     python scripts/compare_bn_modes.py --config configs/voc_deeplabv3_resnet50.yaml --nproc 8 --out runs/bn_voc
 
-Modes (b = data.batch_size per process, N = --nproc):
-  local          BatchNorm per process: statistics of b samples (syncbn.enabled=false)
-  ghost          ghost BatchNorm: statistics of 1 sample (syncbn.virtual_splits=b); b >= 2 only
-  sync           SyncBatchNorm over all N processes: statistics of N x b samples
+Modes (b = data.batch_size per process, N = --nproc), each set by the one knob syncbn.norm_batch_size:
+  local          BatchNorm per process: statistics of b samples (norm_batch_size=b)
+  ghost          ghost BatchNorm: statistics of 1 sample (norm_batch_size=1; segmentation, b >= 2 only)
+  sync           SyncBatchNorm over all N processes: statistics of N x b samples (norm_batch_size=N x b)
   local+precise  local, then PreciseBN before each evaluation (syncbn.precise_bn_samples)
   sync+precise   sync, then PreciseBN before each evaluation
 
@@ -45,13 +45,7 @@ from engine.config import Config, load_config  # noqa: E402
 from engine.syncbn import recompute_bn_stats  # noqa: E402
 from models import build_model  # noqa: E402
 
-MODES = {
-    "local": ["syncbn.enabled=false"],
-    "ghost": ["syncbn.enabled=false", "syncbn.virtual_splits={batch}"],
-    "sync": ["syncbn.enabled=true"],
-    "local+precise": ["syncbn.enabled=false", "syncbn.precise_bn_samples={precise}"],
-    "sync+precise": ["syncbn.enabled=true", "syncbn.precise_bn_samples={precise}"],
-}
+MODES = ("local", "ghost", "sync", "local+precise", "sync+precise")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,10 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def norm_batch(mode: str, batch: int, nproc: int) -> int:
+    """Samples per BatchNorm statistic in ``mode``."""
+    return {"local": batch, "ghost": 1, "sync": batch * nproc}[mode.split("+")[0]]
+
+
 def train(args: argparse.Namespace, mode: str, batch: int) -> Path:
     """One run of the entry script under torchrun; a finished run in place is reused."""
     out = Path(args.out) / mode
-    extra = [o.format(batch=batch, precise=args.precise_samples) for o in MODES[mode]]
+    extra = [f"syncbn.norm_batch_size={norm_batch(mode, batch, args.nproc)}"]
+    if mode.endswith("+precise"):
+        extra.append(f"syncbn.precise_bn_samples={args.precise_samples}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                str(REPO_ROOT / "train_distributed.py"), "--config", args.config, f"output_dir={out}",
                "train.progress_bar=false", "train.tensorboard=false", *args.overrides, *extra]
@@ -115,10 +116,6 @@ def distance_to_population(cfg: Config, run: Path, population_batch: int) -> tup
 
 def _with_batch(cfg: Config, batch: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_batch_size=batch, num_workers=0))
-
-
-def norm_batch(mode: str, batch: int, nproc: int) -> int:
-    return {"local": batch, "ghost": 1, "sync": batch * nproc}[mode.split("+")[0]]
 
 
 def write_plot(results: dict[str, list[dict]], metric: str, path: Path, title: str) -> None:
