@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import load_config, reference_text
+from engine.config import load_config
+from engine.config_reference import reference_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,19 +42,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_datasets
-from data.loaders import build_precise_loader, build_train_loader, build_val_loader, steps_per_epoch
-from engine.checkpoint import CHECKPOINT_DIR, Checkpointer, prepare_output_dir
+from data.loaders import build_precise_batches, build_train_loader, build_val_loader, steps_per_epoch
+from engine.checkpoint import CHECKPOINT_DIR, Checkpointer
 from engine.config import global_batch_size
 from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, lost_a_peer, rank0_decides
-from engine.ema import ModelEma, evaluate_ema
-from engine.errors import UserError
+from engine.ema import ModelEma
+from engine.errors import UserError, from_torch
+from engine.evaluation import RunEvaluation, evaluate
 from engine.faults import FaultInjector
 from engine.logging import MetricsWriter, format_metrics, log_banner, log_epoch, print_error, setup_logger
+from engine.model_setup import prepare_model, running_statistics
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
-from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm
+from engine.rundir import announce_resume, prepare_output_dir, write_config
+from engine.step_events import StepEvents
 from engine.tasks import build_task
-from engine.trainer import TrainLoop, TrainState, evaluate, settle_bn_statistics, train_one_epoch
+from engine.train_state import TrainState
+from engine.trainer import SaveRun, TrainLoop, train_one_epoch
 from engine.watchdog import watch_steps
 from models import build_model
 
@@ -73,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. model: build, move, BatchNorm -> SyncBatchNorm (or ghost BN), then DDP
     task = build_task(cfg)  # classification or segmentation: the loss of a batch, the validation scores
-    model = build_model(cfg.model, cfg.task).to(ctx.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.syncbn.enabled:
-        model = convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
-    elif cfg.syncbn.virtual_splits > 1:
-        model = convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
+    model = prepare_model(build_model(cfg.model, cfg.task), cfg, ctx)  # on the device, BatchNorm as configured
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation
     if ctx.is_distributed:
         # SyncBN keeps BN buffers identical on every rank, so broadcasting them each step is wasted work
@@ -93,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     pin = ctx.device.type == "cuda"
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
-    precise_loader = build_precise_loader(datasets.train, cfg, ctx.rank, ctx.world_size, pin)  # None: not needed
-    score = partial(evaluate, loader=val_loader, task=task, device=ctx.device, cfg=cfg.train)  # exact, all ranks
+    precise_batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin)  # PreciseBN's slice
 
     # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
     global_batch, steps = global_batch_size(cfg, ctx.world_size), steps_per_epoch(train_loader, cfg.train.accumulate_steps)
@@ -102,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = build_optimizer(raw_model, cfg.train, lr)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
-    ema = ModelEma(raw_model, cfg.train) if cfg.train.ema_decay else None
+    ema = ModelEma(raw_model, cfg.train) if cfg.train.ema_decay and not cfg.train.eval_only else None
+    bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, precise_batches, report=log.info)
+    score = partial(evaluate, loader=val_loader, task=task, device=ctx.device, cfg=cfg.train)  # exact, all ranks
+    evaluate_run = RunEvaluation(score, bn_stats, raw_model, ema)  # BatchNorm statistics settled, then scored
     checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema)
     state = TrainState()
     log_banner(ctx, cfg, raw_model, lr)
@@ -110,37 +111,36 @@ def main(argv: list[str] | None = None) -> int:
         if resume_path is not None:
             checkpointer.load_model(resume_path)
             log.info(f"evaluating {resume_path}")
-        settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
-        log.info(f"eval  {format_metrics(score(raw_model))}")
+        log.info(f"eval  {format_metrics(evaluate_run(state.step))}")
         return 0
     if resume_path is not None:
         checkpointer.resume(resume_path, state)
+        announce_resume(cfg, resume_path, state, ctx.is_main)
     if state.epoch >= cfg.train.epochs:
-        return 0  # a finished run: the checkpointer said so, and how to train longer
-    checkpointer.write_config()  # only now: a refused resume must leave the run's files untouched
+        return 0  # a finished run: it said so, and how to train longer
+    write_config(cfg, ctx.is_main)  # only now: a refused resume must leave the run's files untouched
 
+    faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # test-only; None unless debug.* asks
+    save = SaveRun(checkpointer, bn_stats, faults)  # BatchNorm statistics settled, then written by rank 0
     run_start, first_epoch = time.perf_counter(), state.epoch
     with (
         StopSignal() as stop,
         MetricsWriter(cfg.output_dir, ctx.is_main, cfg.train.tensorboard) as writer,
         watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
     ):
-        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, ctx.device, steps, global_batch,
-                         ctx.is_main, checkpointer, writer, ema,
-                         FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir))
+        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, ctx.device)
+        events = StepEvents(cfg.train, raw_model, optimizer, steps, global_batch, stop, save, writer=writer, ema=ema,
+                            faults=faults, log_enabled=ctx.is_main)
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
-            trained = train_one_epoch(loop, train_loader, state, stop)
+            trained = train_one_epoch(loop, train_loader, state, events)
             if trained.stopped:
-                checkpointer.save(state)
+                save(state)
                 barrier()  # no rank exits (and makes the launcher tear the job down) before rank 0's save is on disk
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
-            settle_bn_statistics(raw_model, cfg.syncbn, precise_loader)
-            metrics = score(raw_model)
-            if ema is not None:
-                metrics |= evaluate_ema(ema, score, precise_loader, cfg)
+            metrics = evaluate_run(state.step)
             record = {
                 "epoch": state.epoch + 1,
                 "train_loss": state.train_loss,
@@ -151,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 "epoch_time_s": time.perf_counter() - epoch_start,  # training and evaluation
             }
             is_best = state.finish_epoch(record, cfg.train.best_metric)
-            checkpointer.save(state, is_best)
+            save(state, is_best)
             writer.write(record, step=state.epoch)
             per_epoch = (time.perf_counter() - run_start) / (state.epoch - first_epoch)
             log_epoch(record, cfg.train.epochs, eta_s=per_epoch * (cfg.train.epochs - state.epoch))
     barrier()  # leave together: a rank tearing down its process group while a peer still writes can abort in gloo
-    log.info(f"done: best {cfg.train.best_metric} {state.best_acc1:.2f}; checkpoints in {cfg.output_dir}/{CHECKPOINT_DIR}")
+    log.info(f"done: best {state.best_metric} {state.best_value:.2f}; checkpoints in {cfg.output_dir}/{CHECKPOINT_DIR}")
     return 0
 
 
@@ -167,10 +167,14 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print_error(str(exc), exc.same_on_every_rank)
         return 1
-    except RuntimeError as exc:
-        if not lost_a_peer(exc):
+    except (RuntimeError, ValueError) as exc:
+        if lost_a_peer(exc):
+            print_error("another process of the job ended first (its error is above; torchrun's summary names it)")
+            return 1
+        error = from_torch(exc)  # a torch error that means the input is wrong: one line naming the keys
+        if error is None:
             raise
-        print_error("another process of the job ended first (its error is above; torchrun's summary names it)")
+        print_error(str(error), error.same_on_every_rank)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

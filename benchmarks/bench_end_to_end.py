@@ -44,7 +44,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, child_env, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
+from common import REPO_ROOT, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
+
+from engine.launch import child_env  # noqa: E402
 
 GOAL = 0.97
 # glibc: never return freed memory to the kernel (no mmap for large blocks, no heap trimming)
@@ -68,8 +70,8 @@ def minimal_worker(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from data import build_datasets
+    from engine.bn import convert_sync_batchnorm
     from engine.config import DataConfig, ModelConfig
-    from engine.syncbn import convert_sync_batchnorm
     from models import build_model
 
     dist.init_process_group("gloo")
@@ -112,7 +114,7 @@ def minimal_worker(args: argparse.Namespace) -> None:
 
 
 def _run(cmd: list[str], timeout: float = 600, extra_env: dict[str, str] | None = None) -> str:
-    env = {**child_env(1), **(extra_env or {})}
+    env = child_env(extra_env)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

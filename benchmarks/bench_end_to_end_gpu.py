@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_end_to_end_gpu.py [--steps 30] [--repeats 3]
     (or: torchrun ... benchmarks/bench_end_to_end.py --gpu-resnet50)
 
-For every combination of BatchNorm {local BN, ours (engine.syncbn), torch.nn.SyncBatchNorm} x channels_last
+For every combination of BatchNorm {local BN, ours (engine.bn), torch.nn.SyncBatchNorm} x channels_last
 {off, on} x torch.compile {off, on}, a minimal DDP step (synthetic on-device batch, SGD, bf16 autocast) is timed
 with CUDA synchronisation, round-robin over configurations, median of repeats; rank 0 prints ms/step and the
 ratios ours/torch and SyncBN/BN. (A compile failure is reported in the table, not fatal.)
@@ -23,8 +23,8 @@ import torch.nn.functional as F  # noqa: E402
 from common import fmt_stat, init_from_torchrun, machine_banner, med, print_table, under_torchrun  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.syncbn import convert_sync_batchnorm  # noqa: E402
 from models import build_model  # noqa: E402
 
 

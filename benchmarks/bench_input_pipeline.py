@@ -32,11 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import REPO_ROOT, child_env, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
+from common import REPO_ROOT, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
 
 from data import build_datasets  # noqa: E402
 from data.loaders import build_train_loader  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.launch import child_env  # noqa: E402
 from models import build_model  # noqa: E402
 
 GOAL = 1.0
@@ -112,7 +113,7 @@ def time_to_first_step(name: str, overrides: list[str]) -> tuple[float, float]:
                            "train.epochs=1", "train.tensorboard=false", "train.progress_bar=false",
                            "train.print_freq=1000", *overrides)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(1), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         banner = first = None
         try:

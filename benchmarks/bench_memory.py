@@ -25,8 +25,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import init_from_torchrun, machine_banner, print_table, run_ranks, under_torchrun, verdict  # noqa: E402
 
+from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.syncbn import convert_sync_batchnorm  # noqa: E402
 from models import build_model  # noqa: E402
 
 GOAL = 1.05
@@ -162,7 +162,7 @@ def main() -> int:
     parser.add_argument("--gpu", action="store_true", help="under torchrun with NCCL; adds torch.nn.SyncBatchNorm")
     args = parser.parse_args()
     if args.gpu or under_torchrun():
-        rank, world, device = init_from_torchrun("nccl" if args.gpu else None)
+        rank, world, device = init_from_torchrun("nccl" if args.gpu else "auto")
         rows = measure_rank(rank, world, CASES + [("resnet50", 224, 32)], device)
         ok = _report(rows, ["bn", "ours", "torch"] if device.type == "cuda" else ["bn", "ours"]) if rank == 0 else True
         dist.destroy_process_group()

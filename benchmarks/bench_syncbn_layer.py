@@ -7,7 +7,7 @@
 For ResNet-50 BatchNorm shapes (per-process batch 32 at 224px, and batch 2 at a detection resolution of
 800x1216, stride 8/16/32) it times, per layer and side by side (round-robin, median over repeats):
   bn     local nn.BatchNorm2d, forward + backward (the floor of any BatchNorm)
-  ours   engine.syncbn via convert_sync_batchnorm(impl="ours", collective="all_gather"), forward + backward
+  ours   engine.bn via convert_sync_batchnorm(impl="ours", collective="all_gather"), forward + backward
   ours_ar the same with collective="all_reduce" (one O(C) all-reduce of 2C+1 fp64 sums forward)
   naive  a pure-PyTorch SyncBN as older libraries wrote it: two autograd all_reduces (sum, sum of squares)
   torch  torch.nn.SyncBatchNorm (GPU only: it refuses CPU tensors once a process group exists)
@@ -46,7 +46,7 @@ from common import (  # noqa: E402
 )
 from torch import nn  # noqa: E402
 
-from engine.syncbn import convert_sync_batchnorm  # noqa: E402
+from engine.bn import convert_sync_batchnorm  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of the naive layer's collectives
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -56,22 +56,12 @@ GOAL = 1.2
 # (label, per-process N, C, H, W). ResNet-50 at 224px: stem 112x112 and layer1's 256@56x56 (25.7M values per rank)
 # are left out on CPU (about a second per fwd+bwd on one core); the subset keeps one narrow and one wide layer per
 # stage. Detection: 2 images of 800x1216 at strides 8/16/32 (the FPN levels a ResNet-50-FPN normalises).
-CLASSIC = [
-    ("r50 b32 layer1 64@56", 32, 64, 56, 56),
-    ("r50 b32 layer2 128@28", 32, 128, 28, 28),
-    ("r50 b32 layer2 512@28", 32, 512, 28, 28),
-    ("r50 b32 layer3 256@14", 32, 256, 14, 14),
-    ("r50 b32 layer3 1024@14", 32, 1024, 14, 14),
-    ("r50 b32 layer4 512@7", 32, 512, 7, 7),
-    ("r50 b32 layer4 2048@7", 32, 2048, 7, 7),
-]
-DETECTION = [
-    ("det b2 s8 128@100x152", 2, 128, 100, 152),
-    ("det b2 s16 256@50x76", 2, 256, 50, 76),
-    ("det b2 s16 1024@50x76", 2, 1024, 50, 76),
-    ("det b2 s32 512@25x38", 2, 512, 25, 38),
-    ("det b2 s32 2048@25x38", 2, 2048, 25, 38),
-]
+CLASSIC = [(f"r50 b32 layer{stage} {c}@{hw}", 32, c, hw, hw)
+           for stage, c, hw in ((1, 64, 56), (2, 128, 28), (2, 512, 28), (3, 256, 14), (3, 1024, 14), (4, 512, 7),
+                                (4, 2048, 7))]  # fmt: skip
+DETECTION = [(f"det b2 s{stride} {c}@{h}x{w}", 2, c, h, w)
+             for stride, c, h, w in ((8, 128, 100, 152), (16, 256, 50, 76), (16, 1024, 50, 76), (32, 512, 25, 38),
+                                     (32, 2048, 25, 38))]  # fmt: skip
 QUICK = [CLASSIC[3], CLASSIC[6], DETECTION[3]]
 FULL_EXTRA = [("r50 b32 stem 64@112", 32, 64, 112, 112), ("r50 b32 layer1 256@56", 32, 256, 56, 56),
               ("det b2 s8 512@100x152", 2, 512, 100, 152)]
@@ -255,7 +245,7 @@ def main() -> int:
         shapes = shapes + FULL_EXTRA
     opts = {"dtype": args.dtype, "channels_last": args.channels_last, "compile": args.compile}
     if args.gpu or under_torchrun():
-        rank, world, device = init_from_torchrun("nccl" if args.gpu else None)
+        rank, world, device = init_from_torchrun("nccl" if args.gpu else "auto")
         mine = bench_rank(rank, world, shapes, args.repeats, opts, device)
         per_rank: list = [None] * world
         dist.all_gather_object(per_rank, mine)

@@ -28,8 +28,8 @@ import torch.distributed as dist  # noqa: E402
 from common import machine_banner, print_table, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
+from engine.bn import SyncBatchNorm  # noqa: E402
 from engine.comm_debug import count_comm  # noqa: E402
-from engine.syncbn import SyncBatchNorm  # noqa: E402
 
 WORLDS = (2, 8, 64, 1024, 4096, 16384)
 MEASURED = (2, 4, 8)

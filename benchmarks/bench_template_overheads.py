@@ -9,7 +9,7 @@ and the extra milliseconds per step are the loop's own cost, with nothing to hid
 
 epochs (interleaved, one per repeat each, the slowest rank's time, per optimizer step):
   minimal        the loop of bench_end_to_end.py: index the in-memory tensors, forward, backward, SGD step
-  template       engine.trainer.train_one_epoch with the template's loader (num_workers 0, augmentation off),
+  template       engine.trainer.train_one_epoch and its StepEvents, the template's loader (num_workers 0, no augment),
                  optimizer, schedule, disabled GradScaler, metric logger, and the ranks' agreement (stop signal,
                  losses: one small all-reduce) every train.agree_every_steps = 10 steps
   agree every step  the template loop with train.agree_every_steps = 1: what agreeing at every step would cost
@@ -27,7 +27,7 @@ pieces (round-robin, per call, divided by a training step of the same model):
   index       the minimal loop's input: a random index into the in-memory tensors
   logger      MetricLogger.update + log_every bookkeeping (no printing: print_freq large)
   sched       LambdaLR.step of build_scheduler
-  eval/epoch  engine.trainer.evaluate over one batch per rank, divided by the 24 steps of the e2e benchmark's
+  eval/epoch  engine.evaluation.evaluate over one batch per rank, divided by the 24 steps of the e2e benchmark's
               epoch (outside the template's samples_per_s, which covers training only)
 """
 
@@ -43,16 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import (  # noqa: E402
-    REPO_ROOT,
-    fmt_stat,
-    interleaved_times,
-    machine_banner,
-    med,
-    print_table,
-    ratio_stat,
-    run_ranks,
-)
+from common import REPO_ROOT, fmt_stat, interleaved_times, machine_banner, med, print_table, ratio_stat, run_ranks  # noqa: E402
 
 STEPS_PER_EPOCH = 24  # bench_end_to_end.py's default suite: 1536 samples / (2 ranks x 32)
 
@@ -84,13 +75,16 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     from data import build_datasets
     from data.loaders import build_train_loader, build_val_loader
     from engine.agreement import start_agreement
+    from engine.bn import convert_sync_batchnorm
     from engine.config import load_config
+    from engine.evaluation import evaluate
     from engine.logging import MetricLogger
     from engine.optim import build_optimizer, build_scheduler
     from engine.preemption import StopSignal
-    from engine.syncbn import convert_sync_batchnorm
+    from engine.step_events import StepEvents
     from engine.tasks import ClassificationTask
-    from engine.trainer import TrainLoop, TrainState, evaluate, train_one_epoch
+    from engine.train_state import TrainState
+    from engine.trainer import TrainLoop, train_one_epoch
     from models import build_model
 
     overrides = ["data.num_train=4096", "data.num_val=64", "train.print_freq=1000000", "train.progress_bar=false"]
@@ -111,8 +105,9 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
     batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
-    loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), torch.device("cpu"), STEPS_PER_EPOCH,
-                     32 * world, log_enabled=rank == 0)
+    loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), torch.device("cpu"))
+    events = StepEvents(cfg.train, raw, opt, STEPS_PER_EPOCH, 32 * world, StopSignal(), save=lambda state: None,
+                        log_enabled=rank == 0)
     loss_sum = torch.zeros(())
     logger = MetricLogger("bench", 10**9, rank == 0, False)
     ticker = iter(logger.log_every(iter(int, 1), 10**9, 32))  # endless: one next() per step
@@ -133,11 +128,11 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
             opt.step()
         loss.item()
 
-    def template_epoch(epoch_loop=loop):
-        train_one_epoch(epoch_loop, train_loader, TrainState(), StopSignal())
+    def template_epoch(epoch_events=events):
+        train_one_epoch(loop, train_loader, TrainState(), epoch_events)
 
     def template_epoch_agree_every_step():
-        template_epoch(dataclasses.replace(loop, cfg=dataclasses.replace(cfg.train, agree_every_steps=1)))
+        template_epoch(dataclasses.replace(events, cfg=dataclasses.replace(cfg.train, agree_every_steps=1)))
 
     def index():
         idx = torch.randint(0, len(images), (32,))

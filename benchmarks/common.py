@@ -163,30 +163,14 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_from_torchrun(backend: str | None = None) -> tuple[int, int, torch.device]:
-    """Process group from torchrun's environment (NCCL on GPUs, gloo otherwise); (rank, world, device)."""
-    import torch.distributed as dist
+def init_from_torchrun(backend: str = "auto") -> tuple[int, int, torch.device]:
+    """The template's process group from torchrun's environment (NCCL on GPUs, gloo otherwise); (rank, world,
+    device)."""
+    from engine.config import DistConfig
+    from engine.distributed import init_distributed
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and backend in (None, "nccl"):
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group(backend or "gloo")
-    return rank, world, device
-
-
-def child_env(threads: int = 1) -> dict[str, str]:
-    """Environment for a launched job: one thread per process, unbuffered, repo importable, no inherited ranks."""
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID"):
-        env.pop(key, None)
-    return env
+    ctx = init_distributed(DistConfig(backend=backend, exit_with_launcher=False))
+    return ctx.rank, ctx.world_size, ctx.device
 
 
 def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:

@@ -128,14 +128,21 @@ def build_train_loader(
     )
 
 
-def build_precise_loader(
-    dataset: Dataset, cfg: Config, rank: int, world_size: int, pin_memory: bool
-) -> DataLoader | None:
-    """PreciseBN's slice of the training data (of the model, or of the EMA), when one is configured: a train
-    loader with its own seed, always read from epoch 0, so it yields the same samples every time."""
-    if not (cfg.syncbn.precise_bn_samples or (cfg.train.ema_decay and cfg.train.ema_buffers == "precise")):
-        return None
-    return build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory)
+class SameBatches:
+    """A train loader read from its epoch 0 each time it is iterated: the same samples every time."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        self.loader.sampler.set_epoch(0)
+        return iter(self.loader)
+
+
+def build_precise_batches(dataset: Dataset, cfg: Config, rank: int, world_size: int, pin_memory: bool) -> SameBatches:
+    """PreciseBN's slice of the training data (for the model, the EMA, or a recalibration): a train loader with its
+    own seed, always read from epoch 0, so a resumed run recomputes exactly what the uninterrupted one did."""
+    return SameBatches(build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory))
 
 
 def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> DataLoader:

@@ -1,5 +1,5 @@
-"""What a checkpoint holds, both ways (``Checkpointer``); atomic writes by rank 0, safe loads, resume discovery,
-RNG state, and the output-dir policy (which run may write where, which checkpoint a run resumes).
+"""What a checkpoint holds, both ways (``Checkpointer``): atomic writes by rank 0, safe loads, RNG streams, and the
+checks that a checkpoint fits the run about to load it. Which checkpoint a run resumes is ``engine.rundir``'s call.
 
 Layout under ``<output_dir>/checkpoints``: ``ckpt_e{epoch}_s{step}.pt`` (the newest
 ``keep`` of them), ``last.pt`` (a hard link to the newest) and ``best.pt``. Every file
@@ -10,35 +10,24 @@ moment leaves either the old or the new complete file, never a torn one.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import fcntl
 import glob
 import os
 import random
 import re
 import shutil
-import socket
 import tempfile
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from engine.config import Config, config_to_dict, dump_config, global_batch_size
+from engine.config import Config, config_to_dict, global_batch_size
 from engine.distributed import DistContext, gather_objects
-from engine.errors import CheckpointError, ConfigError
-from engine.faults import FaultInjector
-from engine.logging import get_logger, metrics_path, restore_metrics
-from engine.trainer import TrainState, consistent_bn_buffers
-from engine.watchdog import enter, progress
-
-if TYPE_CHECKING:
-    from engine.ema import ModelEma
+from engine.ema import ModelEma
+from engine.errors import CheckpointError
+from engine.logging import get_logger
+from engine.train_state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
-LOCK_FILE = "run.lock"
-DEAD_HOLDER_WAIT_S = 30.0  # a dead run's forked children (loader workers) may hold its lock a few seconds longer
 _HISTORY = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
 
 
@@ -88,7 +77,7 @@ def _atomic_link(src: str, dst: str) -> None:
     _fsync_dir(directory)
 
 
-def save_checkpoint(state: dict[str, Any], output_dir: str, keep: int, is_best: bool) -> str:
+def save_checkpoint(checkpoint: dict[str, Any], output_dir: str, keep: int, is_best: bool) -> str:
     """Write a new history checkpoint, point ``last.pt`` (and ``best.pt``) at it, prune old ones. Rank 0 only."""
     ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -96,8 +85,9 @@ def save_checkpoint(state: dict[str, Any], output_dir: str, keep: int, is_best: 
         # a writer killed mid-save left it (a whole checkpoint's worth); only rank 0 writes here, so none is live
         with contextlib.suppress(FileNotFoundError):
             os.remove(stale)
-    path = os.path.join(ckpt_dir, f"ckpt_e{state['epoch']:04d}_s{state['step']:08d}.pt")
-    atomic_torch_save(state, path)
+    where = checkpoint["train_state"]
+    path = os.path.join(ckpt_dir, f"ckpt_e{where['epoch']:04d}_s{where['step']:08d}.pt")
+    atomic_torch_save(checkpoint, path)
     _atomic_link(path, os.path.join(ckpt_dir, "last.pt"))
     if is_best:
         _atomic_link(path, os.path.join(ckpt_dir, "best.pt"))
@@ -128,28 +118,6 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} holds no 'model' state_dict; is it a checkpoint of this template?")
     return state
-
-
-def find_resume_checkpoint(output_dir: str) -> str | None:
-    """The newest loadable checkpoint in ``output_dir``: ``last.pt``, else the newest good history file."""
-    ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
-    candidates = [os.path.join(ckpt_dir, "last.pt"), *history_checkpoints(ckpt_dir)]
-    for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
-            load_checkpoint(path)
-        except CheckpointError as exc:
-            get_logger().warning(f"warning: {exc}; trying an older checkpoint")
-            continue
-        return path
-    return None
-
-
-def has_run_outputs(output_dir: str) -> bool:
-    """Whether ``output_dir`` already holds another run's checkpoints or metrics."""
-    ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
-    return bool(glob.glob(os.path.join(ckpt_dir, "*.pt"))) or os.path.isfile(metrics_path(output_dir))
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -255,45 +223,30 @@ def check_run_compatible(
 
 class Checkpointer:
     """Owns what a checkpoint of this template holds: the model (a plain state_dict), optimizer, scheduler, grad
-    scaler, ``TrainState``, every rank's RNG streams, the resolved config, world size and global batch.
-
-    ``save`` is a collective (every rank passes: the ranks' RNG states are gathered, and without SyncBN the BN
-    buffers are made consistent first); only global rank 0 writes. ``resume`` restores all of it on every rank.
+    scaler, ``TrainState``, every rank's RNG streams, the resolved config, world size and global batch, and the
+    EMA when the run keeps one. It saves and loads them; when statistics are settled, or which checkpoint a run
+    resumes, is decided elsewhere (``engine.bn.settle``, ``engine.rundir``).
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                 ema: ModelEma | None = None) -> None:
+                 ema: ModelEma | None = None) -> None:  # fmt: skip
         self.cfg, self.ctx = cfg, ctx
         self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.global_batch = global_batch_size(cfg, ctx.world_size)
-        self.faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # test-only
 
-    def save(self, state: TrainState, is_best: bool = False) -> None:
-        if self.faults is not None:
-            self.faults.at("before_checkpoint", state.step)
-        enter("in a checkpoint's collectives", in_collective=True)
-        consistent_bn_buffers(self.model, self.cfg.syncbn)
-        if self.ema is not None:
-            consistent_bn_buffers(self.ema.module, self.cfg.syncbn)
-        rng = gather_objects(capture_rng_state())  # a collective: every rank passes here
-        if self.ctx.is_main:
-            enter("writing a checkpoint", in_collective=False)
-            self._write(state, is_best, rng)
-        progress()
-        if self.faults is not None:
-            self.faults.at("after_checkpoint", state.step)
-
-    def _write(self, state: TrainState, is_best: bool, rng: list[dict[str, Any]]) -> None:
+    def gather(self, state: TrainState) -> dict[str, Any] | None:
+        """The checkpoint of the run as it stands, on rank 0 (None elsewhere). A collective: every rank's RNG
+        streams are gathered, so every rank calls it."""
+        rng = gather_objects(capture_rng_state())
+        if not self.ctx.is_main:
+            return None
         checkpoint = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "train_state": state.state_dict(),
-            "epoch": state.epoch,
-            "step": state.step,
-            "best_acc1": state.best_acc1,
             "config": config_to_dict(self.cfg),
             "world_size": self.ctx.world_size,
             "global_batch": self.global_batch,
@@ -301,7 +254,12 @@ class Checkpointer:
         }
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
-        save_checkpoint(checkpoint, self.cfg.output_dir, keep=self.cfg.train.keep_checkpoints, is_best=is_best)
+        return checkpoint
+
+    def write(self, checkpoint: dict[str, Any] | None, is_best: bool = False) -> None:
+        """Write what :meth:`gather` returned (rank 0; a no-op elsewhere), atomically."""
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, self.cfg.output_dir, keep=self.cfg.train.keep_checkpoints, is_best=is_best)
 
     def load_model(self, path: str) -> dict[str, Any]:
         """Load the model's weights from ``path`` (any rank, any world size); returns the whole checkpoint."""
@@ -311,8 +269,9 @@ class Checkpointer:
         self.model.load_state_dict(weights)
         return loaded
 
-    def resume(self, path: str, state: TrainState) -> None:
-        """Continue the run saved at ``path``: weights, optimizer, schedule, scaler, position and RNG streams."""
+    def resume(self, path: str, state: TrainState) -> dict[str, Any]:
+        """Continue the run saved at ``path``: weights, optimizer, schedule, scaler, position, RNG streams and EMA.
+        Returns the loaded checkpoint."""
         loaded = self.load_model(path)
         warning = check_run_compatible(loaded, self.cfg.model.name, self.global_batch, self.ctx.world_size, path,
                                        optimizer=self.cfg.train.optimizer)
@@ -329,154 +288,4 @@ class Checkpointer:
             self.ema.module.load_state_dict(self.model.state_dict())
         if loaded["world_size"] == self.ctx.world_size:  # each rank gets back its own RNG streams
             restore_rng_state(loaded["rng"][self.ctx.rank])
-        if self.ctx.is_main:
-            restore_metrics(self.cfg.output_dir, state.history, finished_epochs=state.epoch)
-        epochs = self.cfg.train.epochs
-        if state.epoch >= epochs:
-            get_logger().info(
-                f"run complete: {path} has finished all {state.epoch} epochs (train.epochs={epochs}); to train longer "
-                f"set train.epochs to more than {state.epoch}, to start afresh choose another output_dir"
-            )
-        else:
-            get_logger().info(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
-
-    def write_config(self) -> None:
-        """The resolved config beside the checkpoints (rank 0), so ``--config`` on it reproduces the run."""
-        if self.ctx.is_main:
-            dump_config(self.cfg, os.path.join(self.cfg.output_dir, "config.yaml"))
-
-
-# --------------------------------------------------------------------------- the output-dir policy
-
-
-def prepare_output_dir(cfg: Config) -> str | None:
-    """Rank 0: take the run directory's lock, make ``output_dir`` writable and pick the checkpoint to resume
-    (None: a fresh run), never clobbering another run's files. Evaluation only: just the checkpoint to evaluate."""
-    if cfg.train.eval_only:  # writes nothing, takes no lock: it may run beside the training run
-        return _checkpoint_to_evaluate(cfg)
-    out = cfg.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror or exc}") from None
-    lock_output_dir(out)  # before anything else here: a refused run must touch nothing
-    try:
-        os.makedirs(os.path.join(out, CHECKPOINT_DIR), exist_ok=True)
-        probe = os.path.join(out, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise ConfigError(f"output_dir: cannot write to {out}: {exc.strerror or exc}") from None
-    resume = cfg.train.resume
-    if resume == "none":
-        if has_run_outputs(out):
-            raise ConfigError(
-                f"output_dir {out} already holds a run; set train.resume=auto to continue it or choose another output_dir"
-            )
-        return None
-    if resume == "auto":
-        path = find_resume_checkpoint(out)
-        if path is None and has_run_outputs(out):
-            ckpt_dir = os.path.join(out, CHECKPOINT_DIR)
-            names = sorted(name for name in os.listdir(ckpt_dir) if name.endswith(".pt") and not name.startswith("."))
-            raise ConfigError(
-                f"output_dir {out} holds a run but no loadable checkpoint in {ckpt_dir} "
-                f"(unreadable: {', '.join(names) or 'none'}); move it away or choose another output_dir"
-            )
-        return path
-    load_checkpoint(resume)  # fail here, on rank 0, with the file's name
-    own = os.path.join(os.path.abspath(out), CHECKPOINT_DIR)
-    if has_run_outputs(out) and os.path.dirname(os.path.abspath(resume)) != own:
-        # starting from another run's weights here would overwrite this run's checkpoints
-        raise ConfigError(
-            f"output_dir {out} already holds a run; to start from {resume} choose another output_dir "
-            "(or train.resume=auto to continue the run there)"
-        )
-    return resume
-
-
-def _checkpoint_to_evaluate(cfg: Config) -> str | None:
-    """``train.resume=PATH``, or with ``auto`` the run's ``last.pt`` / ``best.pt`` (``train.eval_checkpoint``)."""
-    if cfg.train.resume != "auto":
-        load_checkpoint(cfg.train.resume)  # fail here, on rank 0, with the file's name
-        return cfg.train.resume
-    path = os.path.join(cfg.output_dir, CHECKPOINT_DIR, f"{cfg.train.eval_checkpoint}.pt")
-    if os.path.isfile(path):
-        load_checkpoint(path)
-        return path
-    if cfg.model.pretrained:
-        return None
-    raise ConfigError(f"train.eval_only: no {path} to evaluate; train first, point output_dir at a run, "
-                      "or set train.resume=PATH")
-
-
-# --------------------------------------------------------------------------- one live run per output_dir
-
-_held_locks: dict[str, int] = {}  # output_dir -> open descriptor; the kernel releases the lock when we die
-
-
-def lock_output_dir(output_dir: str) -> None:
-    """Hold an exclusive lock on ``output_dir`` for the life of this process (rank 0 of a run).
-
-    ``flock`` on ``<output_dir>/run.lock``, which names the holder (host, pid, start time). A live holder: a
-    one-line error naming it, at once. A dead holder's lock is gone with it (the kernel releases it), so a relaunch,
-    ``torchrun --max-restarts`` or a SLURM requeue takes it over silently; when the file names a dead process of
-    this host whose forked children still hold the lock, it is awaited for up to ``DEAD_HOLDER_WAIT_S``. On a
-    filesystem without working locks (some network filesystems): a warning, and the run goes on unguarded.
-    """
-    key = os.path.abspath(output_dir)
-    if key in _held_locks:
-        return
-    fd = os.open(os.path.join(output_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + DEAD_HOLDER_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            if _holder_is_dead(holder) and time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
-            os.close(fd)
-            raise ConfigError(
-                f"output_dir {output_dir} is in use by a live run ({_describe(holder)}); wait for it to end, "
-                "stop it, or choose another output_dir"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            get_logger().warning(f"warning: cannot lock output_dir {output_dir} ({exc.strerror}): this filesystem has "
-                                 "no working file locks; make sure no other run writes there")
-            return
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()} started={started}\n".encode(), 0)
-    _held_locks[key] = fd
-
-
-def _lock_holder(fd: int) -> dict[str, str]:
-    text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
-    return dict(part.split("=", 1) for part in text.split() if "=" in part)
-
-
-def _describe(holder: dict[str, str]) -> str:
-    if not holder:
-        return "holder unknown"
-    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
-
-
-def _holder_is_dead(holder: dict[str, str]) -> bool:
-    """Whether the lock file names a process of this host that no longer runs (its children may still hold it)."""
-    pid = holder.get("pid", "")
-    if holder.get("host") != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+        return loaded

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import DistConfig
-from engine.errors import ConfigError, LaunchError, RankZeroError, UserError
+from engine.errors import ConfigError, LaunchError, PeerFailed, RankZeroError, UserError
 
 
 @dataclass(frozen=True)
@@ -227,19 +227,26 @@ def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_
     if env.launcher == "slurm":
         os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    dist.init_process_group(
-        backend=backend,
-        init_method="env://",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=cfg.timeout_s),
-        device_id=device if backend == "nccl" else None,
-    )
+    init_process_group(backend, env.rank, env.world_size, cfg.timeout_s, device=device)
     ctx = DistContext(env.rank, env.world_size, env.local_rank, env.local_world_size, device, backend, env.launcher)
     if syncbn_group_size and syncbn_group_size != env.world_size:
         # every rank must create every subgroup, in the same order
         ctx.sync_group, _ = dist.new_subgroups(group_size=syncbn_group_size)
     return ctx
+
+
+def init_process_group(backend: str, rank: int, world_size: int, timeout_s: float, init_method: str = "env://",
+                       device: torch.device | None = None) -> None:  # fmt: skip
+    """The one place a process group is created (the entry, the scripts, and the ranks that tests and benchmarks
+    spawn): always with a timeout, so a collective waiting on a dead peer fails instead of hanging."""
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
 
 
 # what a collective raises when another process of the job is gone: that process's error is the one to read
@@ -320,19 +327,25 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def rank0_decides(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only and give its result to every rank; if it raises, every rank raises.
+    """Run ``fn`` on rank 0 only and give its result to every rank; if it raises, every rank stops.
 
-    For decisions that touch the filesystem (which checkpoint to resume, may we write
-    here): one rank looks, all ranks act alike, and an error stops all of them together
-    (a user error keeps its message; anything else is named by its type).
+    For decisions that touch the filesystem (which checkpoint to resume, may we write here): one rank looks, all
+    ranks act alike. A user error (or the filesystem's ``OSError``) stops every rank with its one-line message.
+    Anything else is a bug: rank 0 re-raises it with its traceback, the other ranks stop saying so in one line.
     """
-    result, error = None, None
+    result, error, bug = None, None, None
     if get_rank() == 0:
         try:
             result = fn()
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait in the broadcast
-            error = str(exc) if isinstance(exc, (UserError, OSError)) else f"{type(exc).__name__}: {exc}"
-    result, error = broadcast_object((result, error))
+        except (UserError, OSError) as exc:
+            error = str(exc)
+        except Exception as exc:  # every rank must hear of it, or the others wait in the broadcast
+            bug = exc
+    result, error, bug_name = broadcast_object((result, error, type(bug).__name__ if bug else None))
+    if bug is not None:
+        raise bug
+    if bug_name is not None:
+        raise PeerFailed(f"rank 0 failed with {bug_name} while deciding for every rank; its traceback is above")
     if error is not None:
         raise RankZeroError(error)
     return result

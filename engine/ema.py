@@ -6,23 +6,19 @@ averages follow the weights instead of the random initialisation). Every rank ap
 (DDP-synchronised) weights, so the EMA is bit-identical everywhere without communication. BatchNorm buffers follow
 ``train.ema_buffers``: ``average`` them like the weights, ``copy`` the model's, or ``precise``: recompute them for
 the averaged weights with PreciseBN before each evaluation (the statistics of the EMA weights' own activations,
-which neither averaging nor copying gives).
+which neither averaging nor copying gives; ``engine.bn.settle`` runs it).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.config import Config, TrainConfig
-from engine.syncbn import recompute_bn_stats
-from engine.trainer import consistent_bn_buffers
-
-PRECISE_SAMPLES = 4096  # ema_buffers: precise, when syncbn.precise_bn_samples leaves the number open
+from engine.bn import batchnorm_layers
+from engine.config import TrainConfig
 
 
 class ModelEma:
@@ -34,6 +30,9 @@ class ModelEma:
         self.module = copy.deepcopy(model, memo=dict(groups)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # the BatchNorm running statistics the registry knows: averaged under ema_buffers=average
+        self._running = {f"{name}.{stat}".lstrip(".") for name, _ in batchnorm_layers(self.module)
+                         for stat in ("running_mean", "running_var")}  # fmt: skip
 
     def decay(self) -> float:
         if not self.cfg.ema_warmup:
@@ -49,7 +48,7 @@ class ModelEma:
         for ema, live in zip(self.module.parameters(), self.source.parameters(), strict=True):
             ema.lerp_(live.detach(), 1.0 - d)
         for (name, ema), live in zip(self.module.named_buffers(), self.source.buffers(), strict=True):
-            if self.cfg.ema_buffers == "average" and ema.is_floating_point() and "running_" in name:
+            if self.cfg.ema_buffers == "average" and name in self._running:
                 ema.lerp_(live, 1.0 - d)
             else:  # copy (and precise, whose statistics are recomputed before each evaluation anyway)
                 ema.copy_(live)
@@ -62,15 +61,3 @@ class ModelEma:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.updates = int(state["updates"])
-
-
-def evaluate_ema(ema: ModelEma, score: Callable[[nn.Module], dict], precise_loader: Any, cfg: Config) -> dict:
-    """The EMA, scored exactly like the model (``score``: the run's evaluation of a module; keys ``val_*_ema``),
-    its BatchNorm buffers settled first."""
-    if cfg.train.ema_buffers == "precise" and precise_loader is not None:
-        precise_loader.sampler.set_epoch(0)  # the model's PreciseBN slice: the same samples every time
-        recompute_bn_stats(ema.module, precise_loader, cfg.syncbn.precise_bn_samples or PRECISE_SAMPLES)
-    else:
-        consistent_bn_buffers(ema.module, cfg.syncbn)
-    metrics = score(ema.module)
-    return {f"{key}_ema": value for key, value in metrics.items()}

@@ -56,3 +56,23 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class RankZeroError(UserError, RuntimeError):
     """An error rank 0 met while deciding for everyone; every rank re-raises it."""
+
+
+class PeerFailed(UserError, RuntimeError):
+    """Another rank failed with a bug (its traceback is printed there); this rank stops, saying so in one line."""
+
+    same_on_every_rank = False
+
+
+def from_torch(exc: BaseException) -> UserError | None:
+    """A torch error that means the input is wrong, as the one-line error naming the keys that fix it; else None."""
+    text = str(exc)
+    if isinstance(exc, ValueError) and "more than 1 value per channel" in text:
+        # torch's BatchNorm refuses a training batch of one value per channel: one sample through a pooled
+        # feature, as DeepLab's image pooling at one image per process
+        shape = text.rpartition("input size ")[2]
+        error = DataError(f"data.batch_size: a BatchNorm layer got one value per channel (input {shape}: one sample "
+                          "through a pooled feature); use data.batch_size >= 2 per process or syncbn.enabled=true")
+        error.same_on_every_rank = False  # met by the rank whose batch it was
+        return error
+    return None

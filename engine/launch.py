@@ -1,4 +1,5 @@
-"""Spawn N local processes joined by a gloo process group: the one spawner of tests, scripts and benchmarks.
+"""Spawn N local processes joined by a gloo process group: the one spawner of tests, scripts and benchmarks; and
+the environment of jobs they launch (``child_env``).
 
 ``spawn(fn, world_size, *args)`` returns ``[fn(0, W, *args), ..., fn(W-1, W, *args)]``; ``fn`` must be a
 module-level function (it is pickled into the spawned processes). Each process gets one thread and a process
@@ -8,17 +9,33 @@ exception comes back with its rank and traceback. Training itself is launched by
 
 from __future__ import annotations
 
-import datetime
 import os
 import queue as queue_module
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from engine.distributed import init_process_group
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# a job started from inside another job (a test under torchrun or SLURM) must not inherit its place in that job
+_PLACE_IN_A_JOB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID")
+
+
+def child_env(extra: Mapping[str, str] | None = None, threads: int = 1) -> dict[str, str]:
+    """The environment for a job launched by a test or a benchmark: this one without its place in any job, with
+    ``threads`` threads per process, unbuffered output and the repository importable, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if key not in _PLACE_IN_A_JOB}
+    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
+    env.update(extra or {})
+    return env
 
 
 class SpawnError(RuntimeError):
@@ -28,13 +45,7 @@ class SpawnError(RuntimeError):
 def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Callable, args: tuple, results) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        init_process_group("gloo", rank, world_size, timeout_s, init_method=f"file://{init_file}")
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))

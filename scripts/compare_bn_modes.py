@@ -40,9 +40,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from data import build_datasets  # noqa: E402
 from data.loaders import build_val_loader  # noqa: E402
+from engine.bn import batchnorm_layers, recompute_bn_stats  # noqa: E402
 from engine.checkpoint import load_checkpoint, strip_prefixes  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
-from engine.syncbn import recompute_bn_stats  # noqa: E402
+from engine.launch import child_env  # noqa: E402
 from models import build_model  # noqa: E402
 
 MODES = ("local", "ghost", "sync", "local+precise", "sync+precise")
@@ -74,7 +75,7 @@ def train(args: argparse.Namespace, mode: str, batch: int) -> Path:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                str(REPO_ROOT / "train_distributed.py"), "--config", args.config, f"output_dir={out}",
                "train.progress_bar=false", "train.tensorboard=false", *args.overrides, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = child_env(threads=int(os.environ.get("OMP_NUM_THREADS", "1")))
     start = time.perf_counter()
     print(f"[{mode}] {' '.join(extra)}", flush=True)
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -90,7 +91,7 @@ def history(run: Path) -> list[dict]:
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [layer for _, layer in batchnorm_layers(model)]
 
 
 def distance_to_population(cfg: Config, run: Path, population_batch: int) -> tuple[float, float]:

@@ -7,8 +7,9 @@ processes, and write the result as a new checkpoint beside it, with an evaluatio
 
 Use it for a new domain (the same weights, statistics of other images) or to give a model trained without
 PreciseBN its population statistics. The samples come from the configured training split
-(``syncbn.precise_bn_samples``, 10,000 when the config leaves it 0); the new file is ``<checkpoint>_recalibrated.pt``,
-the same checkpoint with the new running statistics, loadable and resumable like any other.
+(``syncbn.precise_bn_samples``, ``engine.bn.DEFAULT_SAMPLES`` = 4,096 when the config leaves it 0; the slice the
+training run's PreciseBN uses); the new file is ``<checkpoint>_recalibrated.pt``, the same checkpoint with the new
+running statistics, loadable and resumable like any other.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` impo
 
 
 from data import build_datasets  # noqa: E402
-from data.loaders import build_train_loader, build_val_loader  # noqa: E402
+from data.loaders import build_precise_batches, build_val_loader  # noqa: E402
+from engine.bn import DEFAULT_SAMPLES, RunningStatistics  # noqa: E402
 from engine.checkpoint import atomic_torch_save, check_model_compatible, load_checkpoint, strip_prefixes  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import cleanup, init_distributed, launch_world_size  # noqa: E402
 from engine.errors import UserError  # noqa: E402
+from engine.evaluation import evaluate  # noqa: E402
 from engine.logging import format_metrics, print_error, setup_logger  # noqa: E402
-from engine.syncbn import convert_ghost_batchnorm, convert_sync_batchnorm, recompute_bn_stats  # noqa: E402
+from engine.model_setup import prepare_model, settle_policy  # noqa: E402
 from engine.tasks import build_task  # noqa: E402
-from engine.trainer import consistent_bn_buffers, evaluate  # noqa: E402
 from models import build_model  # noqa: E402
-
-DEFAULT_SAMPLES = 10_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,23 +53,24 @@ def recalibrate(argv: list[str] | None = None) -> str:
     log = setup_logger(ctx.rank)
     checkpoint = load_checkpoint(args.checkpoint)
     task = build_task(cfg)
-    model = build_model(cfg.model, cfg.task).to(ctx.device)
+    model = build_model(cfg.model, cfg.task)
     weights = strip_prefixes(checkpoint["model"])
     check_model_compatible(weights, model, args.checkpoint)
     model.load_state_dict(weights)
-    if cfg.syncbn.enabled:
-        model = convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
-    elif cfg.syncbn.virtual_splits > 1:
-        model = convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
+    model = prepare_model(model, cfg, ctx)  # the run's device, memory format and BatchNorm
 
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
     pin = ctx.device.type == "cuda"
-    train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed + 1, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
-    consistent_bn_buffers(model, cfg.syncbn)
+    batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin)
+    policy = settle_policy(cfg, ctx.world_size)
+    as_trained = RunningStatistics(policy)  # the checkpoint's statistics, made to agree across ranks
+    as_trained.track(model)
+    as_trained.before_evaluation(step=0)
     before = evaluate(model, val_loader, task, ctx.device, cfg.train)
-    train_loader.sampler.set_epoch(0)
-    samples = recompute_bn_stats(model, train_loader, cfg.syncbn.precise_bn_samples or DEFAULT_SAMPLES)
+    precise = RunningStatistics(policy, batches, report=log.info)
+    precise.track(model, cfg.syncbn.precise_bn_samples or DEFAULT_SAMPLES)
+    precise.before_evaluation(step=0)
     after = evaluate(model, val_loader, task, ctx.device, cfg.train)
 
     stem, _ = os.path.splitext(args.checkpoint)
@@ -77,7 +78,7 @@ def recalibrate(argv: list[str] | None = None) -> str:
     if ctx.is_main:
         checkpoint["model"] = model.state_dict()
         atomic_torch_save(checkpoint, out)
-    log.info(f"recalibrated {args.checkpoint} on {samples} samples of '{cfg.data.name}' -> {out}")
+    log.info(f"recalibrated {args.checkpoint} on the training samples of '{cfg.data.name}' -> {out}")
     for name, metrics in (("before", before), ("after", after)):
         log.info(f"{name:<6}  {format_metrics(metrics)}")
     return out

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_datasets
+from engine.bn import convert_sync_batchnorm
 from engine.config import load_config
 from engine.optim import build_optimizer
-from engine.syncbn import convert_sync_batchnorm
 from engine.tasks import IGNORE_INDEX, build_task
 from models import build_model
 

@@ -13,7 +13,6 @@ BatchNormNd in fp64 on the whole batch. Exit status 0 when every row passes, 1 o
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from dataclasses import dataclass
@@ -25,8 +24,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from engine.bn import SyncBatchNorm  # noqa: E402
+from engine.config import DistConfig  # noqa: E402
+from engine.distributed import cleanup, init_distributed  # noqa: E402
 from engine.launch import SpawnError, spawn  # noqa: E402
-from engine.syncbn import SyncBatchNorm  # noqa: E402
 
 CHANNELS = 4
 CASES = {  # name -> trailing dims after (N, C)
@@ -35,7 +36,7 @@ CASES = {  # name -> trailing dims after (N, C)
     "2d (N,C,H,W)": (5, 6),
     "3d (N,C,D,H,W)": (3, 4, 5),
 }
-OURS = ("ours/all_gather", "ours/all_reduce")  # both forward collectives of engine.syncbn
+OURS = ("ours/all_gather", "ours/all_reduce")  # both forward collectives of engine.bn
 METRICS = ("output", "input grad", "weight grad", "bias grad", "running mean", "running var")
 
 
@@ -82,7 +83,7 @@ def verify_case(name: str, impl: str, seed: int, device: torch.device, atol: flo
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5, generator=gen)
         ref.bias.normal_(generator=gen)
-    # "ours/<collective>": engine.syncbn on that forward collective; "torch": torch.nn.SyncBatchNorm
+    # "ours/<collective>": engine.bn on that forward collective; "torch": torch.nn.SyncBatchNorm
     if impl == "torch":
         layer = nn.SyncBatchNorm(CHANNELS).to(device)
     else:
@@ -158,17 +159,12 @@ def _spawned_entry(rank: int, world_size: int, args: argparse.Namespace) -> int:
 
 def run_under_torchrun(args: argparse.Namespace) -> int:
     """torchrun: NCCL + one GPU per rank when CUDA is there (checking ours and torch's), else gloo on CPU."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=args.timeout)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    ctx = init_distributed(DistConfig(timeout_s=args.timeout, exit_with_launcher=False))
     try:
-        return _check_and_report([*OURS, "torch"] if cuda else list(OURS), args, device)
+        cuda = ctx.device.type == "cuda"
+        return _check_and_report([*OURS, "torch"] if cuda else list(OURS), args, ctx.device)
     finally:
-        dist.destroy_process_group()
+        cleanup()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
+from engine import rundir
 from engine.logging import LOGGER_NAME
 from tests.helpers.checkpoints import RunsCode
 
@@ -24,8 +25,7 @@ def fake_state(step: int, numel: int = 1024) -> dict:
     return {
         "model": {f"layer{i}.weight": torch.full((numel,), float(step)) for i in range(8)},
         "optimizer": {"state": {0: {"momentum_buffer": torch.full((numel,), float(step))}}, "param_groups": []},
-        "epoch": step // 10,
-        "step": step,
+        "train_state": {"epoch": step // 10, "step": step},
         "config": {"model": {"name": "small_cnn"}, "train": {"optimizer": "sgd"}},
         "world_size": 2,
         "global_batch": 32,
@@ -34,7 +34,7 @@ def fake_state(step: int, numel: int = 1024) -> dict:
 
 def assert_complete(path: Path) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    step = state["step"]
+    step = state["train_state"]["step"]
     assert set(state["model"]) == {f"layer{i}.weight" for i in range(8)}
     for tensor in [*state["model"].values(), state["optimizer"]["state"][0]["momentum_buffer"]]:
         assert torch.equal(tensor, torch.full_like(tensor, float(step))), f"{path} is torn"
@@ -66,7 +66,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path: Path) -> Non
     (d / ".tmp_link_999_last.pt").write_bytes(b"x")
     save(tmp_path, 2)
     assert not list(d.glob(".tmp*")), "temporaries of a killed writer pile up (a full checkpoint each)"
-    assert not ckpt.has_run_outputs(str(tmp_path / "elsewhere"))
+    assert not rundir.has_run_outputs(str(tmp_path / "elsewhere"))
 
 
 # --------------------------------------------------------------------------- kill the writer at any moment
@@ -107,7 +107,7 @@ def test_sigkill_of_the_writer_never_leaves_a_torn_last(tmp_path: Path) -> None:
         assert last >= step - 1
         for path in [*ckpt.history_checkpoints(str(d)), d / "best.pt"]:
             assert_complete(Path(path))
-        assert ckpt.find_resume_checkpoint(str(tmp_path)) == str(d / "last.pt")
+        assert rundir.find_resume_checkpoint(str(tmp_path)) == str(d / "last.pt")
         step = last + 1
     assert kills_mid_save > 0, "no kill landed inside a save; the test proves nothing"
 
@@ -142,7 +142,7 @@ def test_truncated_last_falls_back_to_previous_good(tmp_path: Path, caplog) -> N
     propagate, logger.propagate = logger.propagate, True  # let caplog see the template's logger
     try:
         with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
-            found = ckpt.find_resume_checkpoint(str(tmp_path))
+            found = rundir.find_resume_checkpoint(str(tmp_path))
     finally:
         logger.propagate = propagate
     assert found == str(d / "ckpt_e0000_s00000001.pt")
@@ -155,14 +155,14 @@ def test_replaced_last_falls_back_to_newest_history(tmp_path: Path) -> None:
     d = tmp_path / ckpt.CHECKPOINT_DIR
     (d / "last.pt").unlink()
     (d / "last.pt").write_bytes(b"PK\x03\x04 not really")
-    assert ckpt.find_resume_checkpoint(str(tmp_path)) == str(d / "ckpt_e0000_s00000002.pt")
+    assert rundir.find_resume_checkpoint(str(tmp_path)) == str(d / "ckpt_e0000_s00000002.pt")
 
 
 def test_no_good_checkpoint_left(tmp_path: Path) -> None:
     save(tmp_path, 1, keep=1)
     (tmp_path / ckpt.CHECKPOINT_DIR / "last.pt").write_bytes(b"")  # truncates the only history file too
-    assert ckpt.find_resume_checkpoint(str(tmp_path)) is None
-    assert ckpt.has_run_outputs(str(tmp_path))  # so a new run there is refused, not started over it
+    assert rundir.find_resume_checkpoint(str(tmp_path)) is None
+    assert rundir.has_run_outputs(str(tmp_path))  # so a new run there is refused, not started over it
 
 
 # --------------------------------------------------------------------------- compatibility

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config, reference, reference_table
+from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config
+from engine.config_reference import reference, reference_table
 from engine.distributed import detect_launch_env, first_slurm_host, select_backend
 from engine.errors import LaunchError
 

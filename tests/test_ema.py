@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine.bn import convert_sync_batchnorm, recompute_bn_stats
 from engine.config import ModelConfig, TrainConfig
 from engine.ema import ModelEma
 from engine.launch import spawn
-from engine.syncbn import convert_sync_batchnorm, recompute_bn_stats
 from models import build_model
 from tests.helpers.jobs import killed_and_resumed
 
@@ -99,7 +99,7 @@ def test_the_template_with_ema_logs_saves_and_resumes_it_exactly(tmp_path) -> No
     records = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert all({"val_loss_ema", "val_acc1_ema", "val_acc5_ema"} <= set(r) for r in records)
     best = torch.load(tmp_path / "reference" / "checkpoints" / "best.pt", weights_only=True)
-    assert best["best_acc1"] == max(r["val_acc1_ema"] for r in records)  # best.pt by train.best_metric
+    assert best["train_state"]["best_value"] == max(r["val_acc1_ema"] for r in records)  # best.pt by train.best_metric
     want, got = reference["ema"], resumed["ema"]
     assert want["updates"] == got["updates"] == 32
     assert [k for k in want["model"] if not torch.equal(want["model"][k], got["model"][k])] == []

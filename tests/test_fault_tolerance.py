@@ -70,7 +70,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_pat
     rc, out, err = run_train(exact_args(run_dir, **fault), nproc=2)
     assert rc != 0, "the killed job reported success"
     killed = load_last(run_dir)
-    assert (killed["epoch"], killed["step"], killed["train_state"]["epoch_step"]) == (1, 9, 1)
+    assert (killed["train_state"]["epoch"], killed["train_state"]["step"], killed["train_state"]["epoch_step"]) == (1, 9, 1)
     assert len(killed["rng"]) == 2 and killed["world_size"] == 2 and killed["global_batch"] == 32
     on_one_process = tmp_path / "one_process"
     shutil.copytree(run_dir, on_one_process)
@@ -79,7 +79,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_pat
     assert rc == 0, err[-3000:]
     assert "resumed from" in out and "step 9" in out
     final = load_last(run_dir)
-    assert final["step"] == STEPS
+    assert final["train_state"]["step"] == STEPS
     assert_same_weights(final["model"], reference["model"])
     assert_same_weights(final["optimizer"]["state"][0], reference["optimizer"]["state"][0])
 
@@ -88,7 +88,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_pat
     rc, out, err = run_train_preloaded(args)
     assert rc == 0, err[-3000:]
     assert "resuming a world-size-2 run on 1 processes" in out
-    assert load_last(on_one_process)["step"] == STEPS  # continued at the same sample, not at the epoch start
+    assert load_last(on_one_process)["train_state"]["step"] == STEPS  # continued at the same sample, not at the epoch start
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_max_restarts_resumes_after_a_crash(reference: dict, tmp_path: Path, kin
     assert says in err
     assert "resumed from" in out
     final = load_last(run_dir)
-    assert final["step"] == STEPS
+    assert final["train_state"]["step"] == STEPS
     assert_same_weights(final["model"], reference["model"])
 
 
@@ -138,12 +138,12 @@ def test_sigterm_on_one_rank_preempts_all(tmp_path: Path) -> None:
     codes = [line.split(":")[1].split()[0] for line in err.splitlines() if line.strip().startswith("exitcode")]
     assert str(EXIT_PREEMPTED) in codes and set(codes) <= {str(EXIT_PREEMPTED), "-15"}, err[-3000:]
     saved = load_last(run_dir)
-    assert saved["step"] == stopped_at
+    assert saved["train_state"]["step"] == stopped_at
 
     rc, out, err = run_train(args, nproc=2)
     assert rc == 0, err[-3000:]
     assert f"step {stopped_at}" in out and "resumed from" in out
-    assert load_last(run_dir)["step"] == 32
+    assert load_last(run_dir)["train_state"]["step"] == 32
 
 
 def test_sigusr1_single_process_exits_75(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_sigusr1_single_process_exits_75(tmp_path: Path) -> None:
         rc, out, err = wait_job(proc, timeout=90)
     assert rc == EXIT_PREEMPTED, err[-3000:]
     stopped_at = int(out.split("checkpoint saved at step ")[1].split(";")[0])
-    assert load_last(run_dir)["step"] == stopped_at
+    assert load_last(run_dir)["train_state"]["step"] == stopped_at
 
 
 def test_nan_loss_between_agreements_stops_before_the_next_checkpoint(tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_nan_loss_between_agreements_stops_before_the_next_checkpoint(tmp_path: 
     assert rc != 0
     assert "loss is NaN or infinite at step 3" in err, err[-3000:]
     saved = load_last(run_dir)
-    assert saved["step"] == 3
+    assert saved["train_state"]["step"] == 3
     assert all(t.isfinite().all() for t in saved["model"].values() if t.is_floating_point())
 
 

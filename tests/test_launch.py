@@ -65,11 +65,11 @@ def test_single_process_outputs_and_auto_resume(tmp_path):
 
     for name in ("last.pt", "best.pt"):
         state = torch.load(out / "checkpoints" / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_acc1", "config"} <= set(state)
+        assert {"model", "optimizer", "scheduler", "scaler", "train_state", "config"} <= set(state)
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
         assert state["config"]["model"]["name"] == "small_cnn"
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 2 and last["step"] == 2 * (256 // 16)
+    assert last["train_state"]["epoch"] == 2 and last["train_state"]["step"] == 2 * (256 // 16)
 
     # the same command with more epochs continues the run instead of starting over
     rc, stdout, stderr = run_train(tiny_overrides(out, train__epochs=3), nproc=1)
@@ -77,7 +77,7 @@ def test_single_process_outputs_and_auto_resume(tmp_path):
     assert "resumed from" in stdout and "epoch 3, step 32" in stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 48
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["train_state"]["step"] == 48
 
 
 def test_torchrun_two_processes(tmp_path):

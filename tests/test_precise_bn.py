@@ -1,4 +1,4 @@
-"""PreciseBN (``engine.syncbn.recompute_bn_stats``): population statistics of every BatchNorm, exact and the same at
+"""PreciseBN (``engine.bn.recompute_bn_stats``): population statistics of every BatchNorm, exact and the same at
 any world size, against an independent fp64 reference (one process, plain BatchNorm, every layer input kept)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from engine.bn import convert_sync_batchnorm, recompute_bn_stats
 from engine.comm_debug import count_comm
 from engine.launch import spawn
-from engine.syncbn import convert_sync_batchnorm, recompute_bn_stats
 from tests.helpers.jobs import killed_and_resumed
 
 GLOBAL_BATCH, STEPS = 12, 3  # 12 divides over 1, 2 and 3 ranks
@@ -110,7 +110,7 @@ def test_the_template_with_precise_bn_resumes_bit_identically(tmp_path) -> None:
 def test_with_ghost_batchnorm_and_under_amp() -> None:
     """Ghost BatchNorm: passes normalise per split as training does (the first layer's input does not depend on it,
     so its statistics equal the plain reference); bf16 autocast: the statistics of the bf16 activations."""
-    from engine.syncbn import convert_ghost_batchnorm
+    from engine.bn import convert_ghost_batchnorm
 
     batches = _global_batches()
     ghost = convert_ghost_batchnorm(_net(), virtual_splits=2)

@@ -20,9 +20,9 @@ from data import build_datasets
 from data.loaders import build_val_loader, pad_collate
 from data.transforms import SegmentationTransform
 from engine.config import load_config
+from engine.evaluation import evaluate
 from engine.launch import spawn
 from engine.tasks import IGNORE_INDEX, SegmentationTask
-from engine.trainer import evaluate
 from tests.helpers.jobs import (
     REPO_ROOT,
     child_env,

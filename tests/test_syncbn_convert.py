@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.syncbn import (
+from engine.bn import (
     AnyDimBatchNorm,
     GhostBatchNorm,
     SyncBatchNorm,
@@ -42,7 +42,7 @@ def test_convert_keeps_tensors_flags_and_round_trips() -> None:
     synced = convert_sync_batchnorm(net)
     layers = [synced[1], synced[2][1], synced.bn3d]
     assert synced is net and all(type(m) is SyncBatchNorm for m in layers)
-    assert [m._orig_bn_class for m in layers] == [nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d]
+    assert [type(m._original_batchnorm) for m in layers] == [nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d]
     assert all(a is b for a, b in zip(_tensors(synced), tensors, strict=True))
     assert [m.training for m in synced.modules()] == flags
     assert not synced[1].weight.requires_grad and synced[1].bias.requires_grad
@@ -92,7 +92,7 @@ def test_impl_choice_torch_syncbn_revert_and_errors() -> None:
         convert_sync_batchnorm(_bn_net(), impl="apex")
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         convert_sync_batchnorm(nn.DataParallel(_bn_net()))
-    assert type(SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3))) is SyncBatchNorm
+    assert type(convert_sync_batchnorm(nn.BatchNorm1d(3), impl="ours")) is SyncBatchNorm
 
 
 def test_root_module_conversion_returns_new_module_with_same_tensors() -> None:

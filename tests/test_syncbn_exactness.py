@@ -11,9 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.comm_debug import count_comm
-from engine.launch import spawn
-from engine.syncbn import (
+from engine.bn import (
     AnyDimBatchNorm,
     GhostBatchNorm,
     SyncBatchNorm,
@@ -21,6 +19,8 @@ from engine.syncbn import (
     choose_collective,
     convert_sync_batchnorm,
 )
+from engine.comm_debug import count_comm
+from engine.launch import spawn
 from tests.helpers.syncbn import (
     CHANNELS,
     PATHS,

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from data import build_datasets
 from data.loaders import build_val_loader
 from engine.config import load_config
+from engine.evaluation import evaluate
 from engine.launch import spawn
 from engine.tasks import ClassificationTask
-from engine.trainer import evaluate
 from models import build_model
 from tests.helpers.jobs import run_train, tiny_overrides
 

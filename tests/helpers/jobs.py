@@ -22,7 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from engine.launch import REPO_ROOT, child_env
+
 TRAIN_SCRIPT = str(REPO_ROOT / "train_distributed.py")
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -54,17 +55,6 @@ def _yaml_text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a job: this one, one thread per process, unbuffered output, plus ``env``."""
-    merged = dict(os.environ)
-    merged.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
-        merged.pop(key, None)  # a test run inside a launcher must not inherit its place in that job
-    merged.update(env or {})
-    return merged
 
 
 def train_command(

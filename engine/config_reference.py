@@ -1,0 +1,123 @@
+"""What every config key means: ``--help`` and the README's config table are generated from here and the schema's
+defaults (the README's table is tested against :func:`reference_table`), so they cannot disagree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from engine.config import Config, config_to_dict
+
+# One line per key: what it means.
+HELP: dict[str, str] = {
+    "output_dir": "everything the run writes (one run, one global batch per directory)",
+    "task": "classification or segmentation: decides targets, loss, metrics (README: Segmentation)",
+    "model.name": "registry name: a local model or a torchvision classification or segmentation model",
+    "model.num_classes": "number of outputs (must match the dataset)",
+    "model.pretrained": "torchvision weights (must be in the local cache)",
+    "model.kwargs": "extra keyword arguments for the model's builder",
+    "model.aux_loss_weight": "segmentation: > 0 builds the model's auxiliary head and adds this weight x its loss",
+    "data.name": "registry name: synthetic, cifar10, cifar100, imagefolder, fake; synthetic_segmentation, voc, "
+                 "segmentation_folder; or your own",
+    "data.root": "where the dataset's files are",
+    "data.batch_size": "samples per step **per process**",
+    "data.val_batch_size": "evaluation batch per process; 0 = data.batch_size",
+    "data.num_workers": "loader workers per process; auto: the CPUs each process of the node gets, minus one, at most 8",
+    "data.image_size": "training and evaluation image side, in pixels; segmentation: the training crop",
+    "data.base_size": "segmentation: short side before the random scale, and at evaluation; 0 = as stored",
+    "data.scale_range": "segmentation training: the random rescale factor's range (x data.base_size)",
+    "data.augment": "training augmentation (seeded per seed, epoch and sample)",
+    "data.drop_last": "drop the last incomplete training batch",
+    "data.download": "cifar: let torchvision fetch the archive into data.root",
+    "data.num_train": "synthetic and fake data: training samples",
+    "data.num_val": "synthetic and fake data: validation samples",
+    "data.channels": "synthetic and fake data: image channels",
+    "data.kwargs": "extra keyword arguments for the dataset's builder",
+    "train.epochs": "epochs to train (a finished run trains on when this grows)",
+    "train.lr": "learning rate at train.base_batch_size",
+    "train.lr_scaling": "lr = train.lr x f(global batch / base): none, linear or sqrt",
+    "train.base_batch_size": "the global batch train.lr is given for",
+    "train.optimizer": "sgd or adamw",
+    "train.momentum": "SGD momentum",
+    "train.nesterov": "SGD with Nesterov momentum",
+    "train.weight_decay": "weight decay (not on BatchNorm parameters and biases)",
+    "train.schedule": "cosine, poly (power 0.9), step or constant; stepped per optimizer step",
+    "train.warmup_epochs": "linear warmup before the schedule, in epochs",
+    "train.step_milestones": "step schedule: epochs at which the lr is multiplied by train.step_gamma",
+    "train.step_gamma": "step schedule: the factor at each milestone",
+    "train.min_lr": "the floor of the cosine schedule",
+    "train.label_smoothing": "cross-entropy label smoothing",
+    "train.accumulate_steps": "gradient accumulation (no gradient all-reduce on the other micro-steps)",
+    "train.clip_grad_norm": "max gradient norm (unscaled first under fp16); 0 = off",
+    "train.amp": "autocast: off, bf16, or fp16 (with a GradScaler)",
+    "train.channels_last": "channels_last memory format",
+    "train.compile": "torch.compile the whole model (our SyncBN traces with it)",
+    "train.seed": "seed of the data order, augmentation and initialisation",
+    "train.resume": "auto: continue the run in output_dir; none: a fresh run only; or a checkpoint path",
+    "train.eval_only": "evaluate a checkpoint and exit, writing nothing",
+    "train.eval_checkpoint": "eval_only with resume auto: the run's last or best checkpoint",
+    "train.checkpoint_every_steps": "mid-epoch checkpoints every N optimizer steps; 0 = at epoch ends only",
+    "train.keep_checkpoints": "history checkpoints kept for fallback",
+    "train.agree_every_steps": "steps between the ranks' agreements (stop signal, global loss, NaN check)",
+    "train.ema_decay": "EMA of the weights with this decay, evaluated and saved beside the model; 0 = off",
+    "train.ema_warmup": "EMA decay warmup: min(decay, (1 + u) / (10 + u)) after u updates",
+    "train.ema_every": "optimizer steps between EMA updates",
+    "train.ema_buffers": "the EMA's BatchNorm buffers: average (like the weights), copy (the model's), or precise",
+    "train.best_metric": "the metric that picks best.pt; auto: val_acc1 (classification), val_miou (segmentation)",
+    "train.print_freq": "steps between console lines and per-step TensorBoard points",
+    "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
+    "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",
+    "syncbn.enabled": "convert every BatchNorm to SyncBatchNorm before DDP",
+    "syncbn.impl": "auto (torch's on CUDA, ours elsewhere), torch or ours",
+    "syncbn.collective": "ours: the forward collective, all_gather or all_reduce (O(C)); auto: all_reduce from 4 ranks",
+    "syncbn.group_size": "0 = synchronise over the whole world; k = groups of k consecutive ranks",
+    "syncbn.virtual_splits": "with syncbn.enabled false: ghost BatchNorm, k statistics groups per process",
+    "syncbn.buffer_policy": "with SyncBN off: running stats agree by broadcast from rank 0, or reduce (pooled)",
+    "syncbn.precise_bn_samples": "PreciseBN before each evaluation: exact population stats over N training samples",
+    "syncbn.norm_batch_size": "samples per BatchNorm statistic; sets enabled, group_size and virtual_splits; 0 = off",
+    "dist.backend": "auto (nccl on GPUs, gloo on CPUs), nccl or gloo",
+    "dist.timeout_s": "a collective waiting on a dead peer fails after this long",
+    "dist.find_unused_parameters": "DDP's find_unused_parameters",
+    "dist.step_timeout_s": "no step finished for this long: the stuck rank ends the job naming itself; 0 = off",
+    "dist.exit_with_launcher": "a worker exits when its launcher (or shell) dies; false to detach from a shell",
+    "debug.fault_step": "test-only fault injection: the step; -1 = off",
+    "debug.fault_rank": "test-only fault injection: the rank",
+    "debug.fault_kind": "test-only fault injection: raise, exit, nan, sigkill or hang",
+    "debug.fault_point": "test-only fault injection: step, before_checkpoint or after_checkpoint",
+    "debug.fault_once": "test-only fault injection: not again after a restart",
+}
+
+
+def reference() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) of every key, in schema order."""
+    rows = []
+    for section, value in config_to_dict(Config()).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, default in items:
+            dotted = section if key is None else f"{section}.{key}"
+            rows.append((dotted, default, HELP[dotted]))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def reference_table() -> str:
+    """The README's config table (markdown)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | `{_yaml_value(default)}` | {meaning} |" for key, default, meaning in reference()]
+    return "\n".join(lines)
+
+
+def reference_text() -> str:
+    """The config keys for ``--help``: one line each, grouped by section."""
+    lines, section = [], None
+    for key, default, meaning in reference():
+        head = key.split(".", 1)[0]
+        if head != section:
+            lines.append("")
+            section = head
+        lines.append(f"  {key + '=' + _yaml_value(default):<38} {meaning.replace('**', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Exact distributed evaluation, and the run's evaluation of its model (and EMA) with settled BatchNorm statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from engine.bn import RunningStatistics
+from engine.config import TrainConfig
+from engine.ema import ModelEma
+from engine.tasks import Task
+from engine.trainer import autocast, to_device
+from engine.watchdog import enter, progress
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, cfg: TrainConfig) -> dict[str, Any]:
+    """The task's scores over the whole validation set (classification: loss, top-1, top-5; segmentation: loss,
+    mIoU, pixel accuracy, per-class IoU), from sums and counts reduced across ranks.
+
+    ``model`` must be the unwrapped module: ranks may hold different numbers of batches,
+    so nothing inside the loop may communicate; the only collective is the scorer's final sum.
+    """
+    model.eval()
+    enter("evaluating", in_collective=False)
+    scorer = task.scorer(device)
+    for images, targets in loader:
+        progress()
+        images, targets = to_device(images, device, cfg.channels_last), targets.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            output = model(images)
+        scorer.update(output, targets)
+    enter("in the evaluation's final sum", in_collective=True)
+    metrics = scorer.result()
+    progress()
+    return metrics
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    """The run's evaluation at a step: BatchNorm statistics settled (PreciseBN, or made to agree across ranks),
+    then the model scored, and the EMA scored exactly like it (keys ``val_*_ema``)."""
+
+    score: Callable[[nn.Module], dict[str, Any]]  # the exact evaluation of a module on the validation split
+    bn_stats: RunningStatistics
+    model: nn.Module  # unwrapped
+    ema: ModelEma | None = None
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        enter("settling BatchNorm statistics (PreciseBN or the ranks' agreement)", in_collective=True)
+        self.bn_stats.before_evaluation(step)
+        progress()
+        metrics = self.score(self.model)
+        if self.ema is not None:
+            metrics |= {f"{key}_ema": value for key, value in self.score(self.ema.module).items()}
+        return metrics

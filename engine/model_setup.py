@@ -1,0 +1,65 @@
+"""The run's model as configured: on its device, in its memory format, its BatchNorm converted as ``syncbn.*`` says;
+and when its BatchNorm statistics are settled. One place, used by the entry script, the scripts and the benchmarks,
+so that they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.bn import (
+    DEFAULT_SAMPLES,
+    RunningStatistics,
+    SettlePolicy,
+    UnsupportedBatchNorm,
+    convert_ghost_batchnorm,
+    convert_sync_batchnorm,
+)
+from engine.config import Config
+from engine.distributed import DistContext
+from engine.ema import ModelEma
+from engine.errors import ModelError
+from engine.trainer import amp_dtype
+
+
+def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
+    """``model`` moved to the run's device (channels_last with ``train.channels_last``), every BatchNorm made
+    SyncBatchNorm over ``ctx.sync_group``, ghost BatchNorm, or left local, as ``syncbn.*`` resolved; a BatchNorm
+    class no converter knows is a one-line error naming it."""
+    model = model.to(ctx.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        if cfg.syncbn.enabled:
+            return convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
+        if cfg.syncbn.virtual_splits > 1:
+            return convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
+    except UnsupportedBatchNorm as exc:
+        raise ModelError(f"model.name: {cfg.model.name}: {exc}") from None
+    return model
+
+
+def settle_policy(cfg: Config, world_size: int) -> SettlePolicy:
+    """How the run's statistics become fit to evaluate and save, from ``syncbn.*`` and ``train.amp``."""
+    return SettlePolicy(
+        synchronised=cfg.syncbn.enabled and cfg.syncbn.group_size in (0, world_size),  # SyncBN groups differ
+        buffer_policy=cfg.syncbn.buffer_policy,
+        amp_dtype=amp_dtype(cfg.train.amp),
+    )
+
+
+def running_statistics(cfg: Config, world_size: int, model: nn.Module, ema: ModelEma | None = None,
+                       precise_batches: Iterable[Any] | None = None,
+                       report: Callable[[str], None] | None = None) -> RunningStatistics:  # fmt: skip
+    """When the run's BatchNorm statistics settle: the model's by PreciseBN over ``syncbn.precise_bn_samples``
+    (else made to agree across ranks), the EMA's by PreciseBN under ``train.ema_buffers: precise``."""
+    stats = RunningStatistics(settle_policy(cfg, world_size), precise_batches, report)
+    stats.track(model, cfg.syncbn.precise_bn_samples)
+    if ema is not None:
+        precise = cfg.train.ema_buffers == "precise"
+        stats.track(ema.module, (cfg.syncbn.precise_bn_samples or DEFAULT_SAMPLES) if precise else 0)
+    return stats

@@ -1,0 +1,139 @@
+"""Everything around a training step that is not the step: the cross-cutting work, behind three calls.
+
+- :meth:`StepEvents.batches` positions the epoch (a resume continues at its sample), draws the console meter and
+  tells the watchdog when a rank waits for data and when it computes;
+- :meth:`StepEvents.loss` sees each micro-batch's loss: test-only fault injection, the loss window, and the start
+  of the ranks' agreement (it overlaps the backward);
+- :meth:`StepEvents.step_done` follows each optimizer step: the agreement's verdict (stop, NaN, one value per
+  channel), the EMA update, the logs, a mid-epoch checkpoint; it says whether the ranks agreed to stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from engine.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
+from engine.bn import check_values_per_channel
+from engine.config import TrainConfig
+from engine.ema import ModelEma
+from engine.errors import DataError, NonFiniteLossError
+from engine.faults import FaultInjector
+from engine.logging import MetricLogger, MetricsWriter
+from engine.preemption import StopSignal
+from engine.train_state import TrainState
+from engine.watchdog import enter, progress
+
+
+@dataclass
+class StepEvents:
+    """The work around every step, built once by the entry script."""
+
+    cfg: TrainConfig
+    model: nn.Module  # the trained module (its SyncBN layers count single-value batches)
+    optimizer: torch.optim.Optimizer  # for the learning rate in the logs
+    steps_per_epoch: int
+    global_batch: int  # samples per optimizer step over all processes
+    stop: StopSignal
+    save: Callable[[TrainState], None]  # a mid-epoch checkpoint (train.checkpoint_every_steps)
+    writer: MetricsWriter | None = None  # per-step TensorBoard scalars every train.print_freq steps (rank 0)
+    ema: ModelEma | None = None  # updated after every train.ema_every optimizer steps
+    faults: FaultInjector | None = None  # test-only fault injection (debug.*)
+    log_enabled: bool = True  # rank 0 prints the step lines
+    _window: LossWindow | None = field(default=None, init=False)
+    _pending: Callable[[], Agreement] | None = field(default=None, init=False)
+    _meter: MetricLogger | None = field(default=None, init=False)
+    _since: tuple[int, float] = field(default=(0, 0.0), init=False)  # step and time of the last TensorBoard rate
+    _first_step: int = field(default=0, init=False)  # the first step of this call of the epoch (always agreed on)
+
+    def batches(self, loader: DataLoader, state: TrainState) -> Iterator[Any]:
+        """The micro-batches left in ``state.epoch``, with the console meter, watched by the watchdog."""
+        accum = self.cfg.accumulate_steps
+        loader.sampler.set_epoch(state.epoch, start_index=state.epoch_step * accum * loader.batch_size)
+        left = (self.steps_per_epoch - state.epoch_step) * accum
+        self._meter = MetricLogger(f"epoch {state.epoch + 1}/{self.cfg.epochs}", self.cfg.print_freq,
+                                   self.log_enabled, self.cfg.progress_bar)  # fmt: skip
+        self._window, self._since = LossWindow(next(self.model.parameters()).device), (state.step, time.perf_counter())
+        self._first_step = state.step
+        enter("loading data", in_collective=False, step=state.step)
+        for i, batch in enumerate(self._meter.log_every(itertools.islice(loader, left), left, loader.batch_size)):
+            enter("in the step, outside collectives", in_collective=False)
+            if self.faults is not None and i % accum == 0:
+                self.faults.before_step(state.step)
+            enter("in forward/backward (SyncBN, gradient all-reduce) or the ranks' agreement", in_collective=True)
+            yield batch
+            enter("loading data", in_collective=False, step=state.step)
+
+    def loss(self, loss: torch.Tensor, samples: int, ends_step: bool, state: TrainState) -> torch.Tensor:
+        """A micro-batch's mean loss over ``samples``; when it ends a step on which the ranks agree, the agreement
+        starts now, so its all-reduce overlaps the backward."""
+        if self.faults is not None:
+            loss = self.faults.corrupt_loss(loss, state.step)
+        self._window.add(loss, samples)
+        if ends_step:
+            self._window.end_step()
+            # also at the first step an epoch's call runs: a broken setup shows at once, the first line has a loss
+            due = agree_after_step(state.step + 1, state.epoch_step + 1, self.cfg, self.steps_per_epoch)
+            if due or state.step == self._first_step:
+                self._pending = self._window.start_agreement(self.stop.requested)
+        return loss
+
+    def step_done(self, state: TrainState) -> bool:
+        """The optimizer step is done: act on the agreement, update the EMA, log, checkpoint mid-epoch; whether the
+        ranks agreed to stop (then the caller saves and exits)."""
+        agreed, self._pending = (self._pending() if self._pending is not None else None), None
+        enter("after the optimizer step", in_collective=False)
+        if agreed is not None:
+            self._check(agreed, state)
+            state.finish_step(agreed.loss_sums, agreed.counts)
+            self._log_losses(agreed, state.step)
+        else:
+            state.finish_step()
+        if self.ema is not None:
+            self.ema.update(state.step)
+        progress()
+        self._log_step(state.step)
+        if mid_epoch_checkpoint_due(state.step, state.epoch_step, self.cfg, self.steps_per_epoch):
+            self.save(state)
+        return agreed is not None and agreed.stop
+
+    def _check(self, agreed: Agreement, state: TrainState) -> None:
+        """What the ranks learn at an agreement and must stop on, together: a non-finite loss, a BatchNorm layer that
+        normalised a global batch of one value per channel (SyncBN counts it on the device; read here, where the
+        agreement has read the host anyway)."""
+        if (bad := agreed.first_nonfinite()) is not None:
+            bad_step = state.step - len(agreed.loss_sums) + 1 + bad
+            raise NonFiniteLossError(
+                f"loss is NaN or infinite at step {bad_step} (epoch {state.epoch + 1}); stopping. "
+                "Lower train.lr, enable train.clip_grad_norm, or check the data"
+            )
+        try:
+            check_values_per_channel(self.model)
+        except ValueError as exc:
+            raise DataError(f"{exc}; by step {state.step + 1} (data.batch_size, data.drop_last)") from None
+
+    def _log_losses(self, agreed: Agreement, steps_done: int) -> None:
+        """Each agreed step's global loss to the console meter, and every ``train.print_freq``-th to TensorBoard."""
+        first = steps_done - len(agreed.counts)  # steps done before the agreed window
+        for k, (total, n) in enumerate(zip(agreed.loss_sums, agreed.counts)):
+            loss = total / max(n, 1)
+            self._meter.update(loss=loss)
+            if self.writer is not None and (first + k + 1) % self.cfg.print_freq == 0:
+                self.writer.add_step(first + k + 1, loss=loss)
+
+    def _log_step(self, step: int) -> None:
+        """The learning rate to the console meter; every ``train.print_freq`` steps, lr and throughput to TensorBoard."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._meter.update(lr=lr)
+        if self.writer is not None and step % self.cfg.print_freq == 0:
+            now = time.perf_counter()
+            rate = (step - self._since[0]) * self.global_batch / max(now - self._since[1], 1e-9)
+            self.writer.add_step(step, lr=lr, samples_per_s=rate)
+            self._since = (step, now)
