@@ -45,7 +45,15 @@ from data import build_datasets
 from data.loaders import build_precise_batches, build_train_loader, build_val_loader, steps_per_epoch
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer
 from engine.config import global_batch_size
-from engine.distributed import barrier, cleanup, init_distributed, launch_world_size, lost_a_peer, rank0_decides
+from engine.distributed import (
+    barrier,
+    cleanup,
+    fetch_once,
+    init_distributed,
+    launch_world_size,
+    lost_a_peer,
+    rank0_decides,
+)
 from engine.ema import ModelEma
 from engine.errors import UserError, from_torch
 from engine.evaluation import RunEvaluation, evaluate
@@ -61,6 +69,7 @@ from engine.train_state import TrainState
 from engine.trainer import SaveRun, TrainLoop, train_one_epoch
 from engine.watchdog import watch_steps
 from models import build_model
+from models.pretrained import fetch_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. model: build, move, BatchNorm -> SyncBatchNorm (or ghost BN), then DDP
     task = build_task(cfg)  # classification or segmentation: the loss of a batch, the validation scores
+    fetch_once(partial(fetch_weights, cfg.model, cfg.task, log.info), ctx.local_rank)  # model.pretrained: once a node
     model = prepare_model(build_model(cfg.model, cfg.task), cfg, ctx)  # on the device, BatchNorm as configured
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation
     if ctx.is_distributed:

@@ -13,9 +13,9 @@ from engine.config import Config, config_to_dict
 HELP: dict[str, str] = {
     "output_dir": "everything the run writes (one run, one global batch per directory)",
     "task": "classification or segmentation: decides targets, loss, metrics (README: Segmentation)",
-    "model.name": "registry name: a local model or a torchvision classification or segmentation model",
+    "model.name": "registry name: a local model, a torchvision model, timm/<name> or smp/<Architecture>",
     "model.num_classes": "number of outputs (must match the dataset)",
-    "model.pretrained": "torchvision weights (must be in the local cache)",
+    "model.pretrained": "the library's weights, fetched once per node into its cache (README: Pretrained weights)",
     "model.kwargs": "extra keyword arguments for the model's builder",
     "model.aux_loss_weight": "segmentation: > 0 builds the model's auxiliary head and adds this weight x its loss",
     "data.name": "registry name: synthetic, cifar10, cifar100, imagefolder, fake; synthetic_segmentation, voc, "

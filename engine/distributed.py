@@ -308,15 +308,6 @@ def start_all_reduce_sum(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     return wait
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s object on every rank (decisions that must agree, e.g. which checkpoint to resume)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's object, on every rank (small things only: RNG states, flags)."""
     if not is_initialized():
@@ -330,22 +321,41 @@ def rank0_decides(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only and give its result to every rank; if it raises, every rank stops.
 
     For decisions that touch the filesystem (which checkpoint to resume, may we write here): one rank looks, all
-    ranks act alike. A user error (or the filesystem's ``OSError``) stops every rank with its one-line message.
-    Anything else is a bug: rank 0 re-raises it with its traceback, the other ranks stop saying so in one line.
+    ranks act alike.
+    """
+    return _run_where(fn, get_rank() == 0)[0]
+
+
+def fetch_once(fetch: Callable[[], None], local_rank: int) -> None:
+    """Fill a cache once: ``fetch`` runs on rank 0, then on the first process of every other node (which finds the
+    files there already when the cache is on a shared filesystem), while every other process waits. ``fetch`` must
+    do nothing when the cache holds what it fetches; an error stops every rank."""
+    _run_where(fetch, get_rank() == 0)
+    _run_where(fetch, local_rank == 0 and get_rank() != 0)
+
+
+def _run_where(fn: Callable[[], Any], here: bool) -> list[Any]:
+    """Run ``fn`` on the ranks where ``here`` while the others wait; every rank gets every result (rank 0's first).
+
+    A user error (or the filesystem's ``OSError``) stops every rank with its one-line message. Anything else is a
+    bug: the rank that met it re-raises it with its traceback, the other ranks stop saying so in one line.
     """
     result, error, bug = None, None, None
-    if get_rank() == 0:
+    if here:
         try:
             result = fn()
         except (UserError, OSError) as exc:
             error = str(exc)
-        except Exception as exc:  # every rank must hear of it, or the others wait in the broadcast
+        except Exception as exc:  # every rank must hear of it, or the others wait in the collective
             bug = exc
-    result, error, bug_name = broadcast_object((result, error, type(bug).__name__ if bug else None))
+    outcomes = gather_objects((get_rank(), result, error, type(bug).__name__ if bug else None))
     if bug is not None:
         raise bug
-    if bug_name is not None:
-        raise PeerFailed(f"rank 0 failed with {bug_name} while deciding for every rank; its traceback is above")
-    if error is not None:
-        raise RankZeroError(error)
-    return result
+    failed = [(rank, name) for rank, _, _, name in outcomes if name is not None]
+    if failed:
+        rank, name = failed[0]
+        raise PeerFailed(f"rank {rank} failed with {name} while deciding for every rank; its traceback is above")
+    errors = [message for _, _, message, _ in outcomes if message is not None]
+    if errors:
+        raise RankZeroError(errors[0])
+    return [value for _, value, _, _ in outcomes]

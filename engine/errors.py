@@ -55,7 +55,7 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 class RankZeroError(UserError, RuntimeError):
-    """An error rank 0 met while deciding for everyone; every rank re-raises it."""
+    """An error a rank met while deciding for everyone (rank 0 mostly); every rank re-raises it."""
 
 
 class PeerFailed(UserError, RuntimeError):

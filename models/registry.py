@@ -1,4 +1,5 @@
-"""The model registry: local builders first, then torchvision's classification and segmentation models by name."""
+"""The model registry: local builders first, then ``timm/<name>`` and ``smp/<Architecture>``, then torchvision's
+classification and segmentation models by name."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.errors import ModelError
+from models.libraries import build_smp, build_timm
+from models.pretrained import from_the_cache
 
 __all__ = ["MODELS", "ModelError", "build_model", "register_model"]
 
 
 Builder = Callable[..., nn.Module]
+LIBRARIES = {"timm": build_timm, "smp": build_smp}  # model.name: <library>/<its name for the model>
 MODELS: dict[str, Builder] = {}
 MODEL_TASKS: dict[str, str] = {}  # local model name -> the task its output is for
 
@@ -51,13 +55,18 @@ def _local(task: str) -> str:
 
 
 def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
-    """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs for ``task``, on the CPU, in float32."""
+    """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs for ``task``, on the CPU, in float32. With
+    ``cfg.pretrained`` its weights are fetched into the library's cache first (a no-op when some process of the
+    job fetched them already) and the build reads that cache only."""
+    library, _, name = cfg.name.partition("/")
+    if library in LIBRARIES and name:
+        return LIBRARIES[library](name, cfg, task)
     model_task = _task_of(cfg.name)
     if model_task is None:
         close = difflib.get_close_matches(cfg.name, sorted(MODELS) + _torchvision_models(task), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ModelError(f"model.name: unknown model '{cfg.name}'{hint}; local: {_local(task)}, "
-                         f"or any torchvision {task} model")
+                         f"any torchvision {task} model, timm/<name> or smp/<Architecture>")
     if model_task != task:
         raise ModelError(f"model.name: '{cfg.name}' is a {model_task} model but task is {task}; "
                          f"pick a {task} model (local: {_local(task)})")
@@ -69,18 +78,19 @@ def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
     from torchvision import models as tvm
 
     builder = tvm.get_model_builder(cfg.name)
-    if task == "segmentation":
-        # pretrained: the backbone's ImageNet weights (the head is new, sized by num_classes); otherwise none, and
-        # no download (torchvision's deeplabv3 builders fetch the backbone's by default)
-        kwargs.setdefault("weights_backbone", "DEFAULT" if cfg.pretrained else None)
-        if cfg.aux_loss_weight > 0:
-            kwargs.setdefault("aux_loss", True)
-        return _call(builder, cfg, num_classes=cfg.num_classes, **kwargs)
-    if not cfg.pretrained:
-        return _call(builder, cfg, num_classes=cfg.num_classes, **kwargs)
-    # pretrained heads have a fixed size: load them, then replace the classifier
-    kwargs.setdefault("weights", "DEFAULT")
-    model = _call(builder, cfg, **kwargs)
+    with from_the_cache(cfg, task):
+        if task == "segmentation":
+            # pretrained: the backbone's ImageNet weights (the head is new, sized by num_classes); otherwise none, and
+            # no download (torchvision's deeplabv3 builders fetch the backbone's by default)
+            kwargs.setdefault("weights_backbone", "DEFAULT" if cfg.pretrained else None)
+            if cfg.aux_loss_weight > 0:
+                kwargs.setdefault("aux_loss", True)
+            return _call(builder, cfg, num_classes=cfg.num_classes, **kwargs)
+        if not cfg.pretrained:
+            return _call(builder, cfg, num_classes=cfg.num_classes, **kwargs)
+        # pretrained heads have a fixed size: load them, then replace the classifier
+        kwargs.setdefault("weights", "DEFAULT")
+        model = _call(builder, cfg, **kwargs)
     _replace_classifier(model, cfg.num_classes)
     return model
 
@@ -92,13 +102,6 @@ def _call(builder: Builder, cfg: ModelConfig, **kwargs) -> nn.Module:
         raise ModelError(f"model.kwargs: {cfg.name} rejected its arguments: {exc}") from None
     except NotImplementedError as exc:  # torchvision's lraspp: "This model does not use auxiliary loss"
         raise ModelError(f"model.aux_loss_weight: {cfg.name}: {exc} (set model.aux_loss_weight=0)") from None
-    except OSError as exc:  # weights neither in torch's cache nor downloadable (no network): say where they go
-        if not cfg.pretrained:
-            raise
-        from torch.hub import get_dir
-
-        raise ModelError(f"model.pretrained: cannot load {cfg.name}'s weights ({exc}); put them in "
-                         f"{get_dir()}/checkpoints/ or set model.pretrained=false") from None
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
