@@ -129,7 +129,7 @@ SINGLE = [
     Case("wrong_type_int", lambda e: tiny(e, "train.epochs=three"), "train.epochs: expected int"),
     Case("wrong_type_bool", lambda e: tiny(e, "data.augment=maybe"), "data.augment: expected bool"),
     Case("section_not_mapping", lambda e: tiny(e, "train=5"), "train: expected a mapping"),
-    Case("bad_choice", lambda e: tiny(e, "train.amp=fp8"), "train.amp"),
+    Case("bad_choice", lambda e: tiny(e, "train.amp=fp8"), "train.amp: 'fp8' is not one of off, bf16, fp16"),
     Case("zero_batch", lambda e: tiny(e, "data.batch_size=0"), "data.batch_size: must be >= 1"),
     Case("negative_batch", lambda e: tiny(e, "data.batch_size=-4"), "data.batch_size: must be >= 1"),
     Case("bn_batch_of_one_without_syncbn", lambda e: tiny(e, "syncbn.enabled=false", "data.batch_size=1"),
@@ -157,7 +157,8 @@ SINGLE = [
     Case("unknown_dataset", lambda e: tiny(e, "data.name=cifar1000"), "unknown dataset 'cifar1000'"),
     Case("num_classes_mismatch", lambda e: tiny(e, "data.name=imagefolder", f"data.root={e.images}"),
          "model.num_classes is 10 but dataset 'imagefolder'"),
-    Case("bad_model_kwargs", lambda e: tiny(e, "model.kwargs={depth: 3}"), "model.kwargs"),
+    Case("bad_model_kwargs", lambda e: tiny(e, "model.kwargs={depth: 3}"),
+         "model.kwargs: small_cnn rejected its arguments: SmallCNN.__init__() got an unexpected keyword argument 'depth'"),
     Case("best_metric_of_another_task", lambda e: tiny(e, "task=segmentation", "train.best_metric=val_acc1"),
          "train.best_metric: val_acc1 is not a metric of task segmentation"),
     Case("aux_loss_without_segmentation", lambda e: tiny(e, "model.aux_loss_weight=0.5"),
@@ -179,13 +180,15 @@ SINGLE = [
     Case("truncated_checkpoint", lambda e: tiny(e, f"train.resume={truncated_copy(e)}"), "truncated.pt is unreadable"),
     Case("checkpoint_with_code", lambda e: tiny(e, f"train.resume={malicious_checkpoint(e)}"), "evil.pt is unreadable"),
     Case("not_a_checkpoint_of_ours", lambda e: tiny(e, f"train.resume={foreign_checkpoint(e)}"), "holds no 'model'"),
-    Case("eval_only_without_checkpoint", lambda e: tiny(e, "train.eval_only=true"), "train.eval_only"),
+    Case("eval_only_without_checkpoint", lambda e: tiny(e, "train.eval_only=true"),
+         "train.eval_only: no {out}/checkpoints/last.pt to evaluate; train first"),
     # against a finished run: refuse, and leave every byte of it alone
     Case("resume_none_over_a_run", lambda e: on_run(e, "train.resume=none"), "already holds a run", protects_run=True),
     Case("checkpoint_of_another_model", lambda e: on_run(e, "model.kwargs={width: 8}"), "is for another model",
          protects_run=True),
     Case("other_global_batch", lambda e: on_run(e, "data.batch_size=8"), "global batch 16", protects_run=True),
-    Case("other_optimizer", lambda e: on_run(e, "train.optimizer=adamw"), "train.optimizer", protects_run=True),
+    Case("other_optimizer", lambda e: on_run(e, "train.optimizer=adamw"),
+         "was trained with train.optimizer=sgd, this run uses adamw", protects_run=True),
     Case("every_checkpoint_truncated", lambda e: [*truncate_all(e), *on_run(e)], "unreadable: best.pt, ckpt_e",
          protects_run=True),
     Case("foreign_checkpoint_into_a_run", lambda e: on_run(e, f"train.resume={copy_of_last(e)}"),
@@ -248,7 +251,7 @@ def make_env(tmp_path: Path, finished_run: Path, image_root: Path) -> Env:
 
 
 def assert_failed_cleanly(rc: int, err: str, expect: str, single: bool, crash: bool = False) -> None:
-    assert rc != 0, f"exit code 0 for a bad input\n{err[-3000:]}"
+    assert rc == 1, f"exit code {rc} for a bad input, not the documented 1\n{err[-3000:]}"
     lines = err.splitlines() if crash else error_lines(err)
     assert any(expect in line for line in lines), f"no error line with {expect!r}; stderr:\n{err[-3000:]}"
     if single:
@@ -263,7 +266,7 @@ def test_bad_input_single_process(case: Case, tmp_path: Path, finished_run: Path
     config = case.config(env) if case.config else None
     before = tree_hashes(env.run_dir)
     rc, out, err = run_train_preloaded(args, timeout=DEADLINE_S, config=config)
-    assert_failed_cleanly(rc, err, case.expect, single=True)
+    assert_failed_cleanly(rc, err, case.expect.replace("{out}", str(env.tmp / "out")), single=True)
     assert not env.marker.exists(), "code from a config or checkpoint ran"
     if case.protects_run:
         assert tree_hashes(env.run_dir) == before, "the existing run's files changed"

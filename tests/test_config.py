@@ -21,9 +21,15 @@ def write(tmp_path, text: str, name: str = "c.yaml") -> str:
 
 
 def test_shipped_configs_load():
-    for name in ("default", "cifar10_resnet18", "imagenet_resnet50", "imagefolder"):
-        cfg = load_config(f"configs/{name}.yaml")
-        assert isinstance(cfg, Config)
+    shipped = sorted(Path("configs").glob("*.yaml"))
+    assert len(shipped) >= 6
+    for path in shipped:
+        assert isinstance(load_config(str(path)), Config), path
+    segmentation = load_config("configs/segmentation.yaml")
+    assert (segmentation.task, segmentation.model.name, segmentation.train.best_metric) == (
+        "segmentation", "small_segnet", "val_miou")
+    voc = load_config("configs/voc_deeplabv3_resnet50.yaml")
+    assert (voc.task, voc.data.name, voc.model.aux_loss_weight, voc.data.val_batch_size) == ("segmentation", "voc", 0.5, 1)
     default = load_config("configs/default.yaml")
     assert (default.data.name, default.model.name, default.syncbn.enabled) == ("synthetic", "small_cnn", True)
     resnet50 = load_config("configs/imagenet_resnet50.yaml")

@@ -3,7 +3,7 @@ across checkpoints, SIGKILL and resume in the template."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 
@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.bn import convert_sync_batchnorm, recompute_bn_stats
-from engine.config import ModelConfig, TrainConfig
+from engine.bn import convert_sync_batchnorm
+from engine.config import Config, ModelConfig, TrainConfig
 from engine.ema import ModelEma
 from engine.launch import spawn
+from engine.model_setup import running_statistics
 from models import build_model
 from tests.helpers.jobs import killed_and_resumed
+from tests.helpers.syncbn import population_statistics
 
 
 def _net() -> nn.Module:
@@ -39,22 +41,43 @@ def _train(model: nn.Module, ema: ModelEma, steps: int, seed: int) -> None:
         ema.update(step)
 
 
-def _ema_hash(rank: int, world: int) -> str:
+def _ema_on_ranks(rank: int, world: int) -> tuple[str, float, float]:
+    """(hash of the EMA, its distance from the hand-computed interpolation, its distance from the start)."""
     raw = convert_sync_batchnorm(_net())
+    start = [p.detach().clone().double() for p in raw.parameters()]
     model = DDP(raw, broadcast_buffers=False)
     ema = ModelEma(raw, TrainConfig(ema_decay=0.9, ema_buffers="average"))
-    _train(model, ema, steps=5, seed=rank)  # every rank its own data: DDP keeps the weights equal
+    # by hand, in fp64, from the weights after each step: e <- e + (1 - d_u)(w - e), d_u = min(0.9, (1 + u)/(10 + u))
+    want = [p.clone() for p in start]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    gen = torch.Generator().manual_seed(rank)  # every rank its own data: DDP keeps the weights equal
+    for step in range(1, 6):
+        x, y = torch.randn(6, 3, 5, 5, generator=gen) * 2 + 1, torch.randint(0, 3, (6,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update(step)
+        d = min(0.9, step / (9 + step))
+        want = [e + (1 - d) * (p.detach().double() - e) for e, p in zip(want, raw.parameters())]
+    got = [p.double() for p in ema.module.parameters()]
+    off = max((g - w).abs().max().item() for g, w in zip(got, want))
+    moved = max((g - s0).abs().max().item() for g, s0 in zip(got, start))
     digest = hashlib.sha256()
     for tensor in ema.module.state_dict().values():
         digest.update(tensor.detach().contiguous().numpy().tobytes())
     hashes = [None] * world
     dist.all_gather_object(hashes, digest.hexdigest())
-    return "|".join(hashes)
+    return "|".join(hashes), off, moved
 
 
 def test_ema_weights_are_bit_identical_on_every_rank() -> None:
-    agreed = spawn(_ema_hash, 3)
+    """Bit-identical everywhere without communication, and the average the formula says (not the start, not the
+    live weights)."""
+    results = spawn(_ema_on_ranks, 3)
+    agreed = [hashes for hashes, _, _ in results]
     assert len(set(agreed[0].split("|"))) == 1 and all(a == agreed[0] for a in agreed)
+    for _, off, moved in results:
+        assert off < 1e-6 and moved > 1e-2, (off, moved)
 
 
 @pytest.mark.parametrize("policy", ["average", "copy", "precise"])
@@ -84,12 +107,18 @@ def test_each_buffer_policy_does_what_it_says(policy: str) -> None:
         assert torch.allclose(got[key].double(), want[key].double(), atol=1e-6), (policy, key)
     assert ema.updates == 2
     if policy == "precise":  # recomputed for the averaged weights before evaluation, not averaged nor copied
-        batches = [torch.randn(8, 3, 5, 5, generator=gen) for _ in range(2)]
-        reference = copy.deepcopy(ema.module)
-        recompute_bn_stats(reference, batches, 16)
-        recompute_bn_stats(ema.module, batches, 16)
-        assert torch.equal(ema.module[1].running_var, reference[1].running_var)
-        assert not torch.allclose(ema.module[1].running_var, model[1].running_var)
+        batches = [torch.randn(8, 3, 5, 5, generator=gen) * 2 + 1 for _ in range(2)]
+        _settle_as_the_template_does(model, ema, cfg, batches)
+        mean, var = population_statistics(ema.module, batches)["1"]
+        assert torch.allclose(ema.module[1].running_mean, mean.float(), atol=1e-6)
+        assert torch.allclose(ema.module[1].running_var, var.float(), atol=1e-6)
+        assert not torch.allclose(ema.module[1].running_var, model[1].running_var, atol=1e-3)
+
+
+def _settle_as_the_template_does(model: nn.Module, ema: ModelEma, train: TrainConfig, batches: list) -> None:
+    """The template's statistics before an evaluation (engine.model_setup.running_statistics, one process)."""
+    cfg = dataclasses.replace(Config(), train=train, syncbn=dataclasses.replace(Config().syncbn, precise_bn_samples=0))
+    running_statistics(cfg, 1, model, ema, precise_batches=batches).before_evaluation(step=1)
 
 
 @pytest.mark.slow

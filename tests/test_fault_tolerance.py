@@ -96,8 +96,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_pat
     [
         ("raise", 1, "injected fault on rank 1 at step 11"),
         # rank 0 holds the run-dir lock: the restarted rank 0 takes over the dead holder's lock (its loader worker
-        # may hold it a few seconds longer)
-        ("sigkill", 0, ""),
+        # may hold it a few seconds longer); torchrun reports the SIGKILL (-9) of local rank 0 before restarting
+        ("sigkill", 0, "failed (exitcode: -9) local_rank: 0"),
     ],
     ids=["rank-1-raises", "rank-0-sigkilled"],
 )

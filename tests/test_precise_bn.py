@@ -13,6 +13,7 @@ from engine.bn import convert_sync_batchnorm, recompute_bn_stats
 from engine.comm_debug import count_comm
 from engine.launch import spawn
 from tests.helpers.jobs import killed_and_resumed
+from tests.helpers.syncbn import population_statistics
 
 GLOBAL_BATCH, STEPS = 12, 3  # 12 divides over 1, 2 and 3 ranks
 
@@ -29,25 +30,20 @@ def _global_batches() -> list[Tensor]:
 
 
 def _buffers(model: nn.Module) -> Tensor:
-    return torch.cat([b.reshape(-1) for n, b in model.named_buffers() if "running" in n])
+    """[mean, var] of each BatchNorm layer, layer after layer, in fp64."""
+    return torch.cat([torch.cat([m.running_mean, m.running_var]).double() for _, m in _bn_layers(model)])
 
 
-def _reference(global_batches: list[Tensor]) -> Tensor:
-    """Training-mode passes of plain BatchNorm over each global batch; each layer's inputs pooled, var(unbiased)."""
-    model = _net().train()
-    seen: dict[nn.Module, list[Tensor]] = {}
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda m, i: seen.setdefault(m, []).append(i[0].transpose(0, 1)
-                                                                                   .reshape(i[0].size(1), -1)))
-    with torch.no_grad():
-        for x in global_batches:
-            model(x)
-    for layer in layers:
-        values = torch.cat(seen[layer], dim=1)
-        layer.running_mean.copy_(values.mean(1))
-        layer.running_var.copy_(values.var(1))
-    return _buffers(model)
+def _reference(global_batches: list[Tensor], splits: int = 1, amp: torch.dtype | None = None) -> Tensor:
+    """The population statistics of plain BatchNorm over each global batch (see ``population_statistics``), as one
+    vector in the order of :func:`_buffers`."""
+    model = _net() if amp is None else _net().float()
+    stats = population_statistics(model, [x.to(next(model.parameters()).dtype) for x in global_batches], splits, amp)
+    return torch.cat([torch.cat([stats[name][0], stats[name][1]]) for name, _ in _bn_layers(model)])
+
+
+def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _precise_on_ranks(rank: int, world: int, shard_batches: int | None) -> tuple[list[float], int, list[str]]:
@@ -107,19 +103,34 @@ def test_the_template_with_precise_bn_resumes_bit_identically(tmp_path) -> None:
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
-def test_with_ghost_batchnorm_and_under_amp() -> None:
-    """Ghost BatchNorm: passes normalise per split as training does (the first layer's input does not depend on it,
-    so its statistics equal the plain reference); bf16 autocast: the statistics of the bf16 activations."""
+def test_with_ghost_batchnorm_every_layer_against_a_per_split_reference() -> None:
+    """Ghost BatchNorm: the passes normalise per split, as training did, so every later layer's statistics are those
+    of the split-normalised activations (the first layer's input does not depend on the splits; the others do)."""
     from engine.bn import convert_ghost_batchnorm
 
     batches = _global_batches()
     ghost = convert_ghost_batchnorm(_net(), virtual_splits=2)
     recompute_bn_stats(ghost, batches, 10**6)
-    reference = _reference(batches)
-    assert torch.allclose(torch.cat([ghost[1].running_mean, ghost[1].running_var]), reference[:8], atol=1e-9)
-    assert all(b.isfinite().all() for b in ghost.buffers())
+    want = _reference(batches, splits=2)
+    assert torch.allclose(_buffers(ghost), want, rtol=0, atol=1e-9)
+    assert not torch.allclose(want, _reference(batches), rtol=0, atol=1e-6)  # the splits matter past the first layer
 
+
+def test_under_bf16_autocast_the_statistics_of_the_bf16_activations() -> None:
+    """Under bf16 autocast (the caller's, or the template's SettlePolicy.amp_dtype), the statistics are those of the
+    activations bf16 produces: to fp32 accumulation, far inside the bf16-vs-fp32 gap."""
+    from engine.bn import RunningStatistics, SettlePolicy
+
+    batches = [b.float() for b in _global_batches()]
+    want, fp32 = _reference(batches, amp=torch.bfloat16), _reference(batches)
+    gap = (want - fp32).abs().max().item()
     model = _net().float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        recompute_bn_stats(model, [b.float() for b in batches], 10**6)
-    assert torch.allclose(_buffers(model).double(), reference, rtol=5e-2, atol=5e-2)
+        recompute_bn_stats(model, batches, 10**6)
+    settled = _net().float()
+    stats = RunningStatistics(SettlePolicy(synchronised=True, amp_dtype=torch.bfloat16), precise_batches=batches)
+    stats.track(settled, precise_samples=10**6)
+    stats.before_evaluation(step=0)
+    for got in (_buffers(model).double(), _buffers(settled).double()):
+        error = (got - want).abs().max().item()
+        assert error < 1e-3 * gap, (error, gap)

@@ -1,7 +1,9 @@
-"""The README is a contract: its training commands work in the order it shows them, and its Python blocks run.
+"""The README is a contract: every CPU command it shows runs, in the order shown, and what it says of the output
+holds (a rerun says the run is complete; each Python block prints what its ``# prints:`` line says).
 
 The commands run in a copy of the repository (they write ``runs/`` relative to where they run), shortened only by
-overrides appended at the end that keep the model and every output path (1 epoch on 256 samples).
+overrides appended at the end that keep the model and every output path (1 epoch on 256 samples). Skipped, by rule:
+installs (already done), the test suite itself, commands the README marks as for GPUs, and SLURM's.
 """
 
 from __future__ import annotations
@@ -22,28 +24,40 @@ pytestmark = pytest.mark.slow
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 SHORT = ["train.epochs=1", "data.num_train=256", "data.num_val=64", "train.print_freq=1000",
          "train.progress_bar=false", "train.tensorboard=false"]
+NOT_HERE = ("pip install", "pytest", "GPU", "srun", "sbatch", "scontrol", "#SBATCH")
 
 
 def _blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
-def _training_commands_of_the_first_steps() -> list[str]:
-    """The README's training commands up to its launch table, in order: what a new user runs first."""
-    first_steps = README.split("## Launching", 1)[0]
+def readme_commands() -> list[str]:
+    """Every command of the README's bash blocks, in order, continuation lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", first_steps, flags=re.S):
-        for line in block.splitlines():
-            command = line.split("#", 1)[0].strip()
-            if "train_distributed.py" in command:
-                commands.append(command)
+    for block in _blocks("bash"):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if line.strip() and not line.strip().startswith("#") and not any(s in line for s in NOT_HERE):
+                commands.append(line.split("  #", 1)[0].strip())
     return commands
+
+
+def _argv(command: str) -> list[str]:
+    argv = shlex.split(command)
+    if argv[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    elif argv[0] == "python":
+        argv = [sys.executable, *argv[1:]]
+    return [*argv, *SHORT] if "train_distributed.py" in command else argv
+
+
+def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_argv(command), cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
-    for name in ("train_distributed.py", "configs", "engine", "data", "models"):
+    for name in ("train_distributed.py", "configs", "engine", "data", "models", "scripts"):
         source = REPO_ROOT / name
         if source.is_dir():
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -52,25 +66,34 @@ def repo_copy(tmp_path_factory) -> Path:
     return root
 
 
-def test_the_readmes_training_commands_work_in_the_order_shown(repo_copy: Path) -> None:
-    commands = _training_commands_of_the_first_steps()
-    assert len(commands) >= 2 and commands[0].startswith("torchrun"), commands  # the default job, then 1 process
+def test_the_readme_shows_the_commands_this_test_runs() -> None:
+    commands = readme_commands()
+    assert commands[0].startswith("torchrun --standalone --nproc_per_node=2 train_distributed.py"), commands
+    assert any("model.name=cifar_resnet20" in c and "output_dir=runs/try1" in c for c in commands)  # a continuation
+    assert any("scripts/verify_syncbn.py --config" in c for c in commands)
+
+
+def test_every_cpu_command_runs_in_the_order_shown_and_a_rerun_says_complete(repo_copy: Path) -> None:
+    commands = readme_commands()
     for command in commands:
-        argv = shlex.split(command)
-        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]] if argv[0] == "torchrun" else \
-            [sys.executable, *argv[1:]]
-        done = subprocess.run([*argv, *SHORT], cwd=repo_copy, env=child_env(), capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        done = _run(command, repo_copy)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    # "Run the same command again and it resumes (a finished run says it is complete)"
+    again = _run(commands[0], repo_copy)
+    assert again.returncode == 0 and "run complete:" in again.stdout, again.stdout[-2000:]
+    assert (repo_copy / "runs" / "default" / "checkpoints" / "best.pt").exists()
 
 
-def test_the_readmes_python_blocks_run(repo_copy: Path) -> None:
+def test_the_readmes_python_blocks_run_and_print_what_they_say(repo_copy: Path) -> None:
     """Each block as a user pastes it, in a fresh interpreter at the repository root, after the default job."""
     if not (repo_copy / "runs" / "default" / "checkpoints" / "best.pt").exists():
-        test_the_readmes_training_commands_work_in_the_order_shown(repo_copy)
+        done = _run(readme_commands()[0], repo_copy)
+        assert done.returncode == 0, done.stderr[-3000:]
     blocks = _blocks("python")
     assert blocks
     for block in blocks:
         done = subprocess.run([sys.executable, "-c", block], cwd=repo_copy, env=child_env(), capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, f"{block}\n{done.stderr[-3000:]}"
+        for promised in re.findall(r"^# prints: (.*)$", block, flags=re.M):
+            assert promised in done.stdout, f"{block}\nprinted:\n{done.stdout[-2000:]}"

@@ -22,7 +22,8 @@ from data.transforms import SegmentationTransform
 from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.launch import spawn
-from engine.tasks import IGNORE_INDEX, SegmentationTask
+from engine.tasks import IGNORE_INDEX, SegmentationTask, main_output
+from models import build_model
 from tests.helpers.jobs import (
     REPO_ROOT,
     child_env,
@@ -78,17 +79,20 @@ def _evaluate_worker(rank: int, world_size: int, folder: str) -> dict[str, dict]
 
 
 def _reference(overrides: list[str]) -> dict:
-    """One process, every image alone, intersections and unions counted with boolean masks (no confusion matrix)."""
     cfg, model, val = _model_and_val(overrides)
+    return _scores_by_hand(model, val, cfg.model.num_classes)
+
+
+def _scores_by_hand(model: torch.nn.Module, val, classes: int) -> dict:
+    """One process, every image alone, intersections and unions counted with boolean masks (no confusion matrix)."""
     model.eval()
-    classes = cfg.model.num_classes
     inter, union = torch.zeros(classes, dtype=torch.int64), torch.zeros(classes, dtype=torch.int64)
     hits = labelled = 0
     loss_sum = 0.0
     with torch.no_grad():
         for i in range(len(val)):
             image, mask = val[i]
-            logits = model(image[None])[0]
+            logits = main_output(model(image[None]))[0]
             pred, keep = logits.argmax(0), mask != IGNORE_INDEX
             for c in range(classes):
                 inter[c] += ((pred == c) & (mask == c) & keep).sum()
@@ -172,10 +176,17 @@ def test_deeplabv3_with_aux_head_trains_on_a_voc_layout_in_two_processes(tmp_pat
     rc, out, err = run_train(args, nproc=2, config=SEG_CONFIG)
     assert rc == 0, err[-3000:]
     (record,) = _records(tmp_path / "run")
-    assert len(record["val_iou"]) == 21 and 0 <= record["val_miou"] <= 100 and 0 <= record["val_pixel_acc"] <= 100
     assert torch.isfinite(torch.tensor(record["train_loss"]))
     state = torch_load(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
     assert any(key.startswith("aux_classifier") for key in state), "the auxiliary head was not built"
+    # the scores the run logged are those of its checkpoint, counted here image by image
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"))
+    model = build_model(cfg.model, cfg.task)
+    model.load_state_dict(state)
+    want = _scores_by_hand(model, build_datasets(cfg.data, 21, cfg.train.seed).val, 21)
+    assert record["val_iou"] == pytest.approx(want["val_iou"], abs=1e-6)
+    assert record["val_miou"] == pytest.approx(want["val_miou"], abs=1e-6)
+    assert record["val_pixel_acc"] == pytest.approx(want["val_pixel_acc"], abs=1e-6)
 
 
 def test_voc_reads_the_augmented_split_through_data_kwargs(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ failing case does not desynchronise the next; each case is still its own pytest 
 
 from __future__ import annotations
 
+import copy
 import functools
 import traceback
 from collections.abc import Callable
@@ -229,3 +230,25 @@ def assert_case_passed(cases: tuple[tuple[Case, str | None], ...], world_size: i
     key = case_id(entry)
     failures = [f"rank {r}:\n{res[key]}" for r, res in enumerate(results) if res[key] is not None]
     assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------------------------- population statistics
+
+
+def population_statistics(model: nn.Module, batches: list[Tensor], splits: int = 1,
+                          amp: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:  # fmt: skip
+    """What each BatchNorm of ``model`` sees over ``batches``, computed here, independently of engine.bn: plain
+    training-mode passes (each batch in ``splits`` chunks on its own, as ghost BatchNorm normalises; under ``amp``
+    autocast when given), every position of every sample of each layer's input pooled in fp64. Returns, per layer
+    name, (mean, unbiased variance). ``model`` is left untouched."""
+    model = copy.deepcopy(model).train()
+    seen: dict[str, list[Tensor]] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_pre_hook(lambda m, i, name=name: seen.setdefault(name, []).append(
+                i[0].double().transpose(0, 1).reshape(i[0].size(1), -1)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        for x in batches:
+            for chunk in x.chunk(splits):
+                model(chunk)
+    return {name: (torch.cat(v, 1).mean(1), torch.cat(v, 1).var(1)) for name, v in seen.items()}
