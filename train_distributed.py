@@ -12,14 +12,25 @@ config -> distributed -> model (BatchNorm -> SyncBatchNorm -> DDP) -> data -> tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 from engine.config import load_config
 from engine.config_reference import reference_text
 
 
+class CommandLine(argparse.ArgumentParser):
+    """A bad command line is one line and exit code 2 (rank 0 says it: every rank meets it alike)."""
+
+    def error(self, message: str) -> NoReturn:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (--help lists the options and keys)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (section.key=default), set in the YAML file or as overrides:\n"
                f"{reference_text()}\n\nMore in README.md: launching, your own model and dataset, outputs.",
@@ -28,7 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank (older); torchrun sets LOCAL_RANK
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for override in args.overrides:
+        if "=" not in override:
+            hint = f"; did you mean --config {override}?" if override.endswith((".yaml", ".yml")) else ""
+            parser.error(f"malformed override '{override}': expected section.key=value{hint}")
+    return args
 
 
 if __name__ == "__main__":
@@ -62,7 +78,7 @@ from engine.logging import MetricsWriter, format_metrics, log_banner, log_epoch,
 from engine.model_setup import prepare_model, running_statistics
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
-from engine.rundir import announce_resume, prepare_output_dir, write_config
+from engine.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
 from engine.step_events import StepEvents
 from engine.tasks import build_task
 from engine.train_state import TrainState
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     run_start, first_epoch = time.perf_counter(), state.epoch
     with (
         StopSignal() as stop,
-        MetricsWriter(cfg.output_dir, ctx.is_main, cfg.train.tensorboard) as writer,
+        MetricsWriter(cfg, ctx.is_main) as writer,
         watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
     ):
         loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, ctx.device)
@@ -190,6 +206,7 @@ def run(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
+        release_output_dirs()  # a start that failed leaves no run-looking directory behind
         cleanup()
 
 

@@ -28,6 +28,9 @@ from engine.logging import get_logger
 from engine.train_state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+# the train.* keys the learning-rate schedule is planned from
+SCHEDULE_KEYS = ("epochs", "lr", "lr_scaling", "base_batch_size", "schedule", "warmup_epochs", "step_milestones",
+                 "step_gamma", "min_lr")
 _HISTORY = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
 
 
@@ -256,6 +259,21 @@ class Checkpointer:
             checkpoint["ema"] = self.ema.state_dict()
         return checkpoint
 
+    def _replan_schedule(self, saved: dict[str, Any], planned: list[float], state_step: int) -> None:
+        """The run's schedule keys differ from the checkpoint's (``train.epochs`` raised to train longer, say): the
+        learning rate follows this run's plan from the resumed step on, and the log says so."""
+        changed = {key: (saved[key], getattr(self.cfg.train, key)) for key in SCHEDULE_KEYS
+                   if key in saved and saved[key] != getattr(self.cfg.train, key)}  # fmt: skip
+        if not changed:
+            return
+        before = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.base_lrs = planned
+        for group, lr, factor in zip(self.optimizer.param_groups, planned, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(self.scheduler.last_epoch)
+        what = ", ".join(f"train.{key} {old} -> {new}" for key, (old, new) in changed.items())
+        get_logger().info(f"note: {what}: the learning-rate schedule is re-planned from step {state_step} "
+                          f"(lr {before:.4g} -> {self.optimizer.param_groups[0]['lr']:.4g})")
+
     def write(self, checkpoint: dict[str, Any] | None, is_best: bool = False) -> None:
         """Write what :meth:`gather` returned (rank 0; a no-op elsewhere), atomically."""
         if checkpoint is not None:
@@ -277,8 +295,10 @@ class Checkpointer:
                                        optimizer=self.cfg.train.optimizer)
         if warning:
             get_logger().warning(warning)
+        planned = [group["initial_lr"] for group in self.optimizer.param_groups]  # this run's lr, before loading
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
+        self._replan_schedule(loaded.get("config", {}).get("train", {}), planned, state_step=loaded["train_state"]["step"])
         self.scaler.load_state_dict(loaded["scaler"])
         state.load_state_dict(loaded["train_state"])
         if self.ema is not None and "ema" in loaded:

@@ -344,6 +344,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1"),
         (cfg.train.ema_decay > 0 or not cfg.train.best_metric.endswith("_ema"), "train.best_metric",
          "an EMA metric needs train.ema_decay > 0"),
+        (cfg.model.num_classes > 5 or not cfg.train.best_metric.startswith("val_acc5"), "train.best_metric",
+         "top-5 accuracy needs more than 5 classes (model.num_classes)"),
         (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
         (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
         (cfg.syncbn.virtual_splits >= 1, "syncbn.virtual_splits", "must be >= 1"),

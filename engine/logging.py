@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from engine.config import Config, global_batch_size
+from engine.config import Config, config_to_dict, global_batch_size
 from engine.distributed import DistContext, launch_rank, record_error_for_launcher
 
 LOGGER_NAME = "ddp"
@@ -58,12 +58,21 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
     get_logger().info(
         f"== DDP + SyncBN template | world size {ctx.world_size} ({ctx.launcher}) | {per_node}"
         f"backend {ctx.backend or 'none'} | device {ctx.device}\n"
-        f"   {cfg.task} | model {cfg.model.name} ({cfg.model.num_classes} classes) | data {cfg.data.name} | "
+        f"   {cfg.task} | model {cfg.model.name} ({cfg.model.num_classes} classes, "
+        f"{'pretrained' if cfg.model.pretrained else 'from scratch'}) | data {cfg.data.name}, {_image_size(cfg)} | "
         f"batch {cfg.data.batch_size}/process x {ctx.world_size} x accum {cfg.train.accumulate_steps} = "
         f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
         f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
         f"   torch {torch.__version__} | python {platform.python_version()} | output {cfg.output_dir}"
     )
+
+
+def _image_size(cfg: Config) -> str:
+    """The images the model sees: classification's side, segmentation's training crop (and its evaluation size)."""
+    if cfg.task == "segmentation":
+        evaluation = f"short side {cfg.data.base_size}" if cfg.data.base_size else "as stored"
+        return f"{cfg.data.image_size} px crops, evaluated {evaluation}"
+    return f"{cfg.data.image_size} px"
 
 
 def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
@@ -187,16 +196,20 @@ def _max_memory() -> str:
 
 
 class MetricsWriter:
-    """One JSON object per epoch in ``metrics.jsonl`` plus TensorBoard scalars; a no-op off rank 0."""
+    """One JSON object per epoch in ``metrics.jsonl`` plus TensorBoard scalars and, as text, the run's resolved
+    config (runs compare in TensorBoard without diffing config.yaml files); a no-op off rank 0."""
 
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, cfg: Config, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = metrics_path(output_dir)
+        self.path = metrics_path(cfg.output_dir)
         self.tb = None
-        if enabled and tensorboard:
+        if enabled and cfg.train.tensorboard:
+            import yaml
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+            self.tb = SummaryWriter(log_dir=os.path.join(cfg.output_dir, "tensorboard"))
+            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+            self.tb.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()))  # markdown code
 
     def write(self, record: dict[str, Any], step: int) -> None:
         if not self.enabled:

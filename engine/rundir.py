@@ -6,6 +6,7 @@ Rank 0 decides (``rank0_decides``), the other ranks hear the answer: one rank lo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -52,6 +53,8 @@ def prepare_output_dir(cfg: Config) -> str | None:
     if cfg.train.eval_only:  # writes nothing, takes no lock: it may run beside the training run
         return _checkpoint_to_evaluate(cfg)
     out = cfg.output_dir
+    if not os.path.exists(out):
+        _created.add(os.path.abspath(out))
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -111,6 +114,22 @@ def _checkpoint_to_evaluate(cfg: Config) -> str | None:
 # --------------------------------------------------------------------------- one live run per output_dir
 
 _held_locks: dict[str, int] = {}  # output_dir -> open descriptor; the kernel releases the lock when we die
+_created: set[str] = set()  # output_dirs this process made
+
+
+def release_output_dirs() -> None:
+    """At exit: a run directory this process took but in which no run began (a start that failed before the
+    resolved config was written) gets back to how it was: no lock file, no empty ``checkpoints/``, and no directory
+    at all when this process made it. A started run's directory keeps everything (its lock file names the holder)."""
+    for key, fd in list(_held_locks.items()):
+        if not os.path.exists(os.path.join(key, "config.yaml")) and not has_run_outputs(key):
+            for path, remove in ((os.path.join(key, LOCK_FILE), os.remove),
+                                 (os.path.join(key, CHECKPOINT_DIR), os.rmdir), (key, os.rmdir)):  # fmt: skip
+                if path != key or key in _created:
+                    with contextlib.suppress(OSError):  # not empty, or already gone: leave it
+                        remove(path)
+        os.close(fd)
+        del _held_locks[key]
 
 
 def lock_output_dir(output_dir: str) -> None:

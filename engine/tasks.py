@@ -26,21 +26,23 @@ def main_output(output: Tensor | dict[str, Tensor]) -> Tensor:
 
 
 class ClassificationTask:
-    """Integer labels; cross-entropy; top-1 and top-5 accuracy (percent)."""
+    """Integer labels; cross-entropy; top-1 and top-5 accuracy (percent; top-5 only with more than 5 classes, where
+    it says something: ``num_classes`` 0 = not known)."""
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        self.label_smoothing = label_smoothing
+    def __init__(self, label_smoothing: float = 0.0, num_classes: int = 0) -> None:
+        self.label_smoothing, self.num_classes = label_smoothing, num_classes
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(output, targets, label_smoothing=self.label_smoothing)
 
     def scorer(self, device: torch.device) -> ClassificationScorer:
-        return ClassificationScorer(device)
+        return ClassificationScorer(device, top5=self.num_classes == 0 or self.num_classes > 5)
 
 
 class ClassificationScorer:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, top5: bool = True) -> None:
         self.totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+        self.top5 = top5
 
     def update(self, output: Tensor, targets: Tensor) -> None:
         logits = main_output(output)
@@ -54,7 +56,8 @@ class ClassificationScorer:
         """Collective: every rank calls it once, after its last batch."""
         loss_sum, top1, top5, count = all_reduce_sum(self.totals).tolist()
         count = max(count, 1)
-        return {"val_loss": loss_sum / count, "val_acc1": 100 * top1 / count, "val_acc5": 100 * top5 / count}
+        scores = {"val_loss": loss_sum / count, "val_acc1": 100 * top1 / count}
+        return scores | {"val_acc5": 100 * top5 / count} if self.top5 else scores
 
 
 class SegmentationTask:
@@ -132,4 +135,4 @@ def build_task(cfg: Config) -> Task:
     """The task named by ``cfg.task``, with what its loss and scores need from the config."""
     if cfg.task == "segmentation":
         return SegmentationTask(cfg.model.num_classes, cfg.model.aux_loss_weight, cfg.train.label_smoothing)
-    return ClassificationTask(cfg.train.label_smoothing)
+    return ClassificationTask(cfg.train.label_smoothing, cfg.model.num_classes)

@@ -60,6 +60,7 @@ class Case:
     protects_run: bool = False  # hash run_dir before/after
     launcher_args: tuple[str, ...] = ()
     crash: bool = False  # an exception in a rank: its traceback, not a one-line error, names the problem
+    code: int = 1  # the documented exit code: 1 a bad input, 2 a bad command line
 
 
 def tiny(env: Env, *extra: str, out: str = "out") -> list[str]:
@@ -146,7 +147,12 @@ SINGLE = [
          config=lambda e: write(e, "evil.yaml", f"train: !!python/object/apply:os.system ['touch {e.marker}']\n")),
     Case("python_tag_in_override",
          lambda e: tiny(e, f"train.resume=!!python/object/apply:os.system [touch {e.marker}]"), "malformed override"),
-    Case("override_without_value", lambda e: tiny(e, "train.epochs"), "malformed override 'train.epochs'"),
+    Case("override_without_value", lambda e: tiny(e, "train.epochs"),
+         "error: malformed override 'train.epochs': expected section.key=value", code=2),
+    Case("config_file_without_--config", lambda e: tiny(e, "configs/imagefolder.yaml"),
+         "did you mean --config configs/imagefolder.yaml?", code=2),
+    Case("misspelled_option", lambda e: ["--confg", "configs/default.yaml", *tiny(e)], "unrecognized arguments: --confg",
+         code=2),
     Case("override_empty_key_part", lambda e: tiny(e, "train..epochs=3"), "malformed override"),
     Case("override_into_a_value", lambda e: tiny(e, "train.epochs.x=3"), "'epochs' is not a section"),
     Case("missing_data_root", lambda e: tiny(e, "data.name=imagefolder", f"data.root={e.tmp}/no_such_root"),
@@ -250,8 +256,8 @@ def make_env(tmp_path: Path, finished_run: Path, image_root: Path) -> Env:
     return Env(tmp_path, run_dir, image_root, tmp_path / "CODE_RAN")
 
 
-def assert_failed_cleanly(rc: int, err: str, expect: str, single: bool, crash: bool = False) -> None:
-    assert rc == 1, f"exit code {rc} for a bad input, not the documented 1\n{err[-3000:]}"
+def assert_failed_cleanly(rc: int, err: str, expect: str, single: bool, crash: bool = False, code: int = 1) -> None:
+    assert rc == code, f"exit code {rc} for a bad input, not the documented {code}\n{err[-3000:]}"
     lines = err.splitlines() if crash else error_lines(err)
     assert any(expect in line for line in lines), f"no error line with {expect!r}; stderr:\n{err[-3000:]}"
     if single:
@@ -266,8 +272,10 @@ def test_bad_input_single_process(case: Case, tmp_path: Path, finished_run: Path
     config = case.config(env) if case.config else None
     before = tree_hashes(env.run_dir)
     rc, out, err = run_train_preloaded(args, timeout=DEADLINE_S, config=config)
-    assert_failed_cleanly(rc, err, case.expect.replace("{out}", str(env.tmp / "out")), single=True)
+    assert_failed_cleanly(rc, err, case.expect.replace("{out}", str(env.tmp / "out")), single=True, code=case.code)
     assert not env.marker.exists(), "code from a config or checkpoint ran"
+    out = env.tmp / "out"  # a start that failed before training leaves nothing; a run that began keeps its config
+    assert not out.exists() or (out / "config.yaml").exists(), f"a failed start left {sorted(out.iterdir())}"
     if case.protects_run:
         assert tree_hashes(env.run_dir) == before, "the existing run's files changed"
 
@@ -278,7 +286,7 @@ def test_bad_input_two_processes(case: Case, tmp_path: Path) -> None:
     env = Env(tmp_path, tmp_path / "run", tmp_path / "images", tmp_path / "CODE_RAN")
     start = time.monotonic()
     rc, out, err = run_train(case.args(env), nproc=case.nproc, timeout=DEADLINE_S, launcher_args=case.launcher_args)
-    assert_failed_cleanly(rc, err, case.expect, single=False, crash=case.crash)
+    assert_failed_cleanly(rc, err, case.expect, single=False, crash=case.crash, code=case.code)
     assert time.monotonic() - start < DEADLINE_S
 
 
