@@ -74,6 +74,7 @@ from engine.ema import ModelEma
 from engine.errors import UserError, from_torch
 from engine.evaluation import RunEvaluation, evaluate
 from engine.faults import FaultInjector
+from engine.inputs import InputPrep
 from engine.logging import MetricsWriter, format_metrics, log_banner, log_epoch, print_error, setup_logger
 from engine.model_setup import prepare_model, running_statistics
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     pin = ctx.device.type == "cuda"
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
-    precise_batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin)  # PreciseBN's slice
+    # uint8 images become float, normalised and channels_last on the device, once per batch
+    inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)
+    precise_batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin, inputs)  # PreciseBN
 
     # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
     global_batch, steps = global_batch_size(cfg, ctx.world_size), steps_per_epoch(train_loader, cfg.train.accumulate_steps)
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEma(raw_model, cfg.train) if cfg.train.ema_decay and not cfg.train.eval_only else None
     bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, precise_batches, report=log.info)
-    score = partial(evaluate, loader=val_loader, task=task, device=ctx.device, cfg=cfg.train)  # exact, all ranks
+    score = partial(evaluate, loader=val_loader, task=task, inputs=inputs, cfg=cfg.train)  # exact, all ranks
     evaluate_run = RunEvaluation(score, bn_stats, raw_model, ema)  # BatchNorm statistics settled, then scored
     checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema)
     state = TrainState()
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         MetricsWriter(cfg, ctx.is_main) as writer,
         watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
     ):
-        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, ctx.device)
+        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, inputs)
         events = StepEvents(cfg.train, raw_model, optimizer, steps, global_batch, stop, save, writer=writer, ema=ema,
                             faults=faults, log_enabled=ctx.is_main)
         while state.epoch < cfg.train.epochs:

@@ -102,8 +102,12 @@ def main() -> int:
             vs_bn = med(t) / med(times[("bn", cl, c)]) if times.get(("bn", cl, c)) else float("nan")
             vs_torch = med(t) / med(times[("torch", cl, c)]) if times.get(("torch", cl, c)) else float("nan")
             rows.append([kind, cl, c, fmt_stat(t, 1e3, 1), f"{vs_bn:.3f}", f"{vs_torch:.3f}"])
-        print_table(["BatchNorm", "channels_last", "compile", "ms/step", "/ local BN", "/ torch SyncBN"], rows,
+        print_table(["BatchNorm", "channels_last", "compile", "ms/step", "/ local BN", "/ torch SyncBN", "images/s/GPU"],
+                    [[*row, f"{args.batch * 1e3 / float(row[3].split()[0]):.0f}" if row[4] else ""] for row in rows],
                     "ResNet-50 training step on GPU (median [min-max])")
+        synced = [args.batch / med(times[cfg]) for cfg in configs if cfg[0] != "bn" and times.get(cfg)]
+        if synced:  # for benchmarks/gpu_check.sh: the rate the input pipeline must feed, with SyncBN
+            print(f"FASTEST_SYNCBN_IMAGES_PER_S {max(synced):.0f}")
     dist.destroy_process_group()
     return 0
 

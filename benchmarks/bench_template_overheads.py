@@ -78,6 +78,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     from engine.bn import convert_sync_batchnorm
     from engine.config import load_config
     from engine.evaluation import evaluate
+    from engine.inputs import InputPrep
     from engine.logging import MetricLogger
     from engine.optim import build_optimizer, build_scheduler
     from engine.preemption import StopSignal
@@ -105,7 +106,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
     batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
-    loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), torch.device("cpu"))
+    loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), InputPrep(torch.device("cpu")))
     events = StepEvents(cfg.train, raw, opt, STEPS_PER_EPOCH, 32 * world, StopSignal(), save=lambda state: None,
                         log_enabled=rank == 0)
     loss_sum = torch.zeros(())
@@ -143,7 +144,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
         logger.update(loss=1.0, lr=0.1)
 
     def eval_once():  # scaled to per-step below: the template evaluates once per epoch
-        evaluate(raw, val_loader, ClassificationTask(), torch.device("cpu"), cfg.train)
+        evaluate(raw, val_loader, ClassificationTask(), InputPrep(torch.device("cpu")), cfg.train)
         model.train()
 
     # order within a round: as listed, reversed every other round

@@ -1,11 +1,14 @@
-"""CIFAR-10 and CIFAR-100 from torchvision's python-pickle batches under ``data.root``."""
+"""CIFAR-10 and CIFAR-100 from torchvision's python-pickle batches under ``data.root``: samples are the stored
+uint8 arrays as tensors (no PIL round trip), augmented on uint8."""
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 from data.registry import DataError, DatasetPair, register_dataset
-from data.transforms import cifar_transforms
+from data.transforms import cifar_preprocessing, cifar_train_transform
 from engine.config import DataConfig
 
 
@@ -33,18 +36,23 @@ def _build(cfg: DataConfig, classes: int, num_classes: int) -> DatasetPair:
                 self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
             self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            image = torch.from_numpy(self.data[index]).permute(2, 0, 1)  # HWC uint8 -> (3, H, W)
+            return self.transform(image), int(self.targets[index])
+
     if not cfg.download and not os.path.isdir(folder):
         raise DataError(
             f"data.root: CIFAR-{classes} not found at {folder}; set data.download=true to fetch it, "
             "or point data.root at the folder that holds it"
         )
-    train_tf, val_tf = cifar_transforms(cfg.image_size, cfg.augment)
+    preprocessing = cifar_preprocessing(cfg.image_size)
+    train_tf = cifar_train_transform(cfg.image_size) if cfg.augment else preprocessing.transform()
     try:
         train = CIFAR(cfg.root, train=True, transform=train_tf, download=cfg.download)
-        val = CIFAR(cfg.root, train=False, transform=val_tf, download=False)
+        val = CIFAR(cfg.root, train=False, transform=preprocessing.transform(), download=False)
     except (RuntimeError, OSError) as exc:
         raise DataError(f"data.root: cannot load CIFAR-{classes} from {folder}: {exc}") from None
-    return DatasetPair(train, val, len(train.classes))
+    return DatasetPair(train, val, len(train.classes), class_names=list(train.classes), preprocessing=preprocessing)
 
 
 @register_dataset("cifar10")

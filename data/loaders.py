@@ -10,7 +10,7 @@ Two properties the rest of the template relies on:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -129,20 +129,23 @@ def build_train_loader(
 
 
 class SameBatches:
-    """A train loader read from its epoch 0 each time it is iterated: the same samples every time."""
+    """A train loader read from its epoch 0 each time it is iterated: the same samples every time, the images made
+    by ``prepare`` into what the model takes (on its device)."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, prepare: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.loader, self.prepare = loader, prepare
 
     def __iter__(self) -> Iterator[Any]:
         self.loader.sampler.set_epoch(0)
-        return iter(self.loader)
+        return ((self.prepare(images), targets) for images, targets in self.loader)
 
 
-def build_precise_batches(dataset: Dataset, cfg: Config, rank: int, world_size: int, pin_memory: bool) -> SameBatches:
+def build_precise_batches(dataset: Dataset, cfg: Config, rank: int, world_size: int, pin_memory: bool,
+                          prepare: Callable[[torch.Tensor], torch.Tensor]) -> SameBatches:  # fmt: skip
     """PreciseBN's slice of the training data (for the model, the EMA, or a recalibration): a train loader with its
     own seed, always read from epoch 0, so a resumed run recomputes exactly what the uninterrupted one did."""
-    return SameBatches(build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory))
+    loader = build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory)
+    return SameBatches(loader, prepare)
 
 
 def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> DataLoader:

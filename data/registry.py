@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from data.transforms import Preprocessing
 from engine.config import DataConfig
 from engine.errors import DataError
 
@@ -16,9 +17,20 @@ __all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_d
 
 @dataclass
 class DatasetPair:
+    """Both splits, and what a trained model needs to be used on new images: the class names (None: the class
+    indices) and the evaluation preprocessing (None: samples are float tensors the model takes as they are, as
+    generated data's; otherwise uint8 images, normalised on the device by its mean and std)."""
+
     train: Dataset
     val: Dataset
     num_classes: int
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """What the device normalises uint8 images with ((None, None): float samples, taken as they are)."""
+        return (self.preprocessing.mean, self.preprocessing.std) if self.preprocessing else (None, None)
 
 
 Builder = Callable[..., DatasetPair]
@@ -28,7 +40,8 @@ DATASETS: dict[str, Builder] = {}
 def register_dataset(name: str) -> Callable[[Builder], Builder]:
     """Make ``data.name: <name>`` build this: ``builder(cfg: DataConfig, num_classes: int, seed: int, **data.kwargs)
     -> DatasetPair``, whose splits yield ``(image tensor, int label)``, or for segmentation ``(image tensor,
-    int64 mask (H, W))`` with 255 for pixels to ignore."""
+    int64 mask (H, W))`` with 255 for pixels to ignore. Images are uint8 (3, H, W), normalised on the device as the
+    pair's ``preprocessing`` says, or float tensors used as they are (``preprocessing`` None)."""
 
     def wrap(fn: Builder) -> Builder:
         DATASETS[name] = fn

@@ -1,6 +1,6 @@
 """Segmentation datasets on disk: Pascal VOC 2012 (``voc``) and any folder of images with integer masks
-(``segmentation_folder``). A sample is (normalised float image (3, H, W), int64 mask (H, W)), where 255 marks pixels
-that count for nothing (VOC's object borders, crop padding).
+(``segmentation_folder``). A sample is (uint8 image (3, H, W), int64 mask (H, W)), where 255 marks pixels that
+count for nothing (VOC's object borders, crop padding); the image is normalised on the device.
 
 Files are checked where it is cheap: every listed image and mask must exist when the dataset is built (one line
 naming the first missing file); a mask of another size than its image, or holding a class index >= the model's
@@ -14,24 +14,27 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from data.images import decode_image
 from data.registry import DataError, DatasetPair, register_dataset
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegmentationTransform
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, SegmentationTransform
 from engine.config import DataConfig
 from engine.errors import SampleError
 from engine.tasks import IGNORE_INDEX
 
-VOC_CLASSES = 21  # background + 20 object classes
+VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+                   "tvmonitor"]  # fmt: skip
+VOC_CLASSES = len(VOC_CLASS_NAMES)  # background + 20 object classes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class SegmentationFiles(Dataset):
-    """(image path, mask path) pairs; images decoded as RGB, masks as the class indices of an L- or P-mode PNG
-    (a palette PNG's indices are the classes, as in VOC)."""
+    """(image path, mask path) pairs; images decoded as RGB by ``decoder``, masks as the class indices of an L- or
+    P-mode PNG (a palette PNG's indices are the classes, as in VOC)."""
 
-    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, transform: SegmentationTransform) -> None:
-        self.pairs, self.num_classes, self.transform = pairs, num_classes, transform
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, transform: SegmentationTransform,
+                 decoder: str = "auto") -> None:  # fmt: skip
+        self.pairs, self.num_classes, self.transform, self.decoder = pairs, num_classes, transform, decoder
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -41,22 +44,21 @@ class SegmentationFiles(Dataset):
         from torchvision.transforms.functional import pil_to_tensor
 
         image_path, mask_path = self.pairs[index]
-        with Image.open(image_path) as image, Image.open(mask_path) as mask:
-            if image.size != mask.size:
-                raise SampleError(
-                    f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-                    f"{image.size[0]}x{image.size[1]}"
-                )
+        image = decode_image(image_path, self.decoder)
+        with Image.open(mask_path) as mask:
             if mask.mode not in ("L", "P"):
                 raise SampleError(
                     f"{mask_path}: a mask must be a single-channel PNG of class indices (mode L or P), got mode {mask.mode}"
                 )
-            pixels = pil_to_tensor(image.convert("RGB"))
             target = pil_to_tensor(mask)[0]
+        if image.shape[-2:] != target.shape:
+            raise SampleError(
+                f"{mask_path}: mask is {target.shape[1]}x{target.shape[0]} but its image {image_path} is "
+                f"{image.shape[2]}x{image.shape[1]}"
+            )
         self._check_classes(target, mask_path)
-        image_tensor = (pixels.float() / 255 - self.mean) / self.std
-        image_tensor, target = self.transform(image_tensor, target)
-        return image_tensor, target.long()
+        image, target = self.transform(image, target)
+        return image, target.long()
 
     def _check_classes(self, target: torch.Tensor, mask_path: str) -> None:
         bad = target[(target != IGNORE_INDEX) & (target >= self.num_classes)]
@@ -67,12 +69,17 @@ class SegmentationFiles(Dataset):
             )
 
 
-def segmentation_transforms(cfg: DataConfig) -> tuple[SegmentationTransform, SegmentationTransform]:
-    """Training: rescale (not with ``data.augment: false``), flip, crop to ``data.image_size``; evaluation: the
-    short side at ``data.base_size``."""
+def segmentation_preprocessing(cfg: DataConfig) -> Preprocessing:
+    """Evaluation: the short side at ``data.base_size`` (0: as stored), normalised with ImageNet's statistics."""
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, resize=cfg.base_size)
+
+
+def segmentation_transforms(cfg: DataConfig, fill: tuple[float, ...]) -> tuple[SegmentationTransform, ...]:
+    """Training: rescale (not with ``data.augment: false``), flip, crop to ``data.image_size`` (padding: ``fill``);
+    evaluation: the short side at ``data.base_size``."""
     scale = cfg.scale_range if cfg.augment else (1.0, 1.0)
-    train = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=True)
-    val = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=False)
+    train = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=True, fill=fill)
+    val = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=False, fill=fill)
     return train, val
 
 
@@ -103,7 +110,8 @@ def build_voc(cfg: DataConfig, num_classes: int, seed: int, train_split: str = "
     root = voc_root(cfg.root)
     if not os.path.isdir(root):
         raise DataError(f"data.root: folder not found: {cfg.root}")
-    train_tf, val_tf = segmentation_transforms(cfg)
+    preprocessing = segmentation_preprocessing(cfg)
+    train_tf, val_tf = segmentation_transforms(cfg, preprocessing.fill())
     splits = []
     for split, transform in ((train_split, train_tf), (val_split, val_tf)):
         listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
@@ -115,8 +123,8 @@ def build_voc(cfg: DataConfig, num_classes: int, seed: int, train_split: str = "
             names = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
         pairs = [(os.path.join(root, "JPEGImages", f"{name}.jpg"), os.path.join(root, masks, f"{name}.png"))
                  for name in names]
-        splits.append(SegmentationFiles(_check_files(pairs, listing), num_classes, transform))
-    return DatasetPair(*splits, VOC_CLASSES)
+        splits.append(SegmentationFiles(_check_files(pairs, listing), num_classes, transform, cfg.decoder))
+    return DatasetPair(*splits, VOC_CLASSES, class_names=VOC_CLASS_NAMES, preprocessing=preprocessing)
 
 
 def _folder_pairs(split_dir: str) -> list[tuple[str, str]]:
@@ -142,9 +150,10 @@ def build_segmentation_folder(cfg: DataConfig, num_classes: int, seed: int) -> D
     255 = ignore): any dataset with integer masks. The classes are ``model.num_classes``."""
     if not os.path.isdir(cfg.root):
         raise DataError(f"data.root: folder not found: {cfg.root}")
-    train_tf, val_tf = segmentation_transforms(cfg)
+    preprocessing = segmentation_preprocessing(cfg)
+    train_tf, val_tf = segmentation_transforms(cfg, preprocessing.fill())
     train, val = (
-        SegmentationFiles(_folder_pairs(os.path.join(cfg.root, split)), num_classes, transform)
+        SegmentationFiles(_folder_pairs(os.path.join(cfg.root, split)), num_classes, transform, cfg.decoder)
         for split, transform in (("train", train_tf), ("val", val_tf))
     )
-    return DatasetPair(train, val, num_classes)
+    return DatasetPair(train, val, num_classes, preprocessing=preprocessing)

@@ -73,7 +73,7 @@ def build_synthetic_segmentation(cfg: DataConfig, num_classes: int, seed: int) -
         raise DataError(f"model.num_classes: synthetic_segmentation needs >= 2 classes (background + shapes), got {num_classes}")
     generator = torch.Generator().manual_seed(seed)
     colours = torch.cat([torch.zeros(1, cfg.channels), 1.5 * torch.randn(num_classes - 1, cfg.channels, generator=generator)])
-    train_tf, val_tf = segmentation_transforms(cfg)
+    train_tf, val_tf = segmentation_transforms(cfg, fill=(0.0,) * cfg.channels)  # float images, normalised already
     train = SyntheticSegmentation(
         *_make_split(cfg.num_train, num_classes, cfg.channels, cfg.image_size, colours, generator), train_tf
     )

@@ -1,12 +1,20 @@
-"""Standard torchvision transforms for the real-image datasets (torchvision is imported inside each function,
-so that importing ``data`` stays cheap), and the joint image + mask transform of segmentation."""
+"""Transforms on uint8 image tensors (torchvision's transforms v2), and the evaluation preprocessing as data.
+
+Decoding and augmentation run in the loader workers on uint8 (3, H, W) tensors; batches travel as uint8 (a quarter
+of float's bytes through shared memory and pinned copies) and become float, normalised, on the device, once per
+batch (``engine.inputs.InputPrep``). What evaluation does to an image file is a :class:`Preprocessing`: plain data,
+saved in every checkpoint, from which the validation transform is built here and ``scripts/predict.py`` and
+``scripts/export.py`` rebuild the same one. torchvision is imported inside the functions, so that importing
+``data`` stays cheap.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine.tasks import IGNORE_INDEX
 
@@ -14,43 +22,67 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def imagenet_transforms(image_size: int, augment: bool) -> tuple[Any, Any]:
-    """The classic ResNet recipe: random-resized crop + flip for training, resize + center crop for eval."""
-    from torchvision import transforms as T
+@dataclass(frozen=True)
+class Preprocessing:
+    """An image file at evaluation: decoded as RGB, its short side resized to ``resize`` (0: as stored), its center
+    cropped to ``crop`` x ``crop`` (0: not cropped), then on the device scaled to [0, 1] and normalised by
+    ``mean`` and ``std``. The same numbers make the validation transform, predict and export."""
 
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    val = T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), *normalize])
-    if not augment:
-        return val, val
-    train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *normalize])
-    return train, val
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: int = 0
+    crop: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(tuple(data["mean"]), tuple(data["std"]), int(data["resize"]), int(data["crop"]))
+
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The uint8 image transform of evaluation (resize the short side, center crop)."""
+        from torchvision.transforms import v2
+
+        steps = [v2.Resize(self.resize, antialias=True)] if self.resize else []
+        steps += [v2.CenterCrop(self.crop)] if self.crop else []
+        return v2.Compose(steps)
+
+    def fill(self) -> tuple[int, ...]:
+        """The mean colour in uint8: what padding is filled with, so that it normalises to about 0."""
+        return tuple(round(255 * m) for m in self.mean)
 
 
-def cifar_transforms(image_size: int, augment: bool) -> tuple[Any, Any]:
-    """Pad-and-crop + flip for training, as in the CIFAR ResNet papers."""
-    from torchvision import transforms as T
+def imagenet_preprocessing(image_size: int) -> Preprocessing:
+    """The classic ResNet evaluation: short side to image_size / 0.875, center crop image_size."""
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, resize=round(image_size / 0.875), crop=image_size)
 
-    resize = [T.Resize(image_size)] if image_size != 32 else []
-    normalize = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
-    val = T.Compose([*resize, *normalize])
-    if not augment:
-        return val, val
-    train = T.Compose([*resize, T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), *normalize])
-    return train, val
+
+def cifar_preprocessing(image_size: int) -> Preprocessing:
+    """CIFAR's 32 px images as they are (any other image: short side and center crop to ``image_size``)."""
+    return Preprocessing(CIFAR_MEAN, CIFAR_STD, resize=image_size, crop=image_size)
+
+
+def cifar_train_transform(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Pad-and-crop + flip, as in the CIFAR ResNet papers."""
+    from torchvision.transforms import v2
+
+    resize = [v2.Resize(image_size, antialias=True)] if image_size != 32 else []
+    return v2.Compose([*resize, v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()])
 
 
 class SegmentationTransform:
     """Image and mask together, as torchvision's segmentation reference does: a random rescale of the short side
     (``base_size`` x a factor from ``scale_range``), a horizontal flip and a random crop padded where the image is
-    smaller (the mask's padding is ignored) for training; for evaluation the short side is resized to ``base_size``
-    (0: kept). Images bilinear, masks nearest. Randomness comes from torch's RNG, which the train loader seeds per
-    (seed, epoch, sample), so a resumed run sees the same crops.
-
-    Takes a float image (C, H, W), already normalised, and an integer mask (H, W).
+    smaller (image padding ``fill``, the mean colour; mask padding ignored) for training; for evaluation the short
+    side is resized to ``base_size`` (0: kept). Images bilinear (uint8 or float), masks nearest. Randomness comes
+    from torch's RNG, which the train loader seeds per (seed, epoch, sample), so a resumed run sees the same crops.
     """
 
-    def __init__(self, crop_size: int, base_size: int, scale_range: list[float] | tuple[float, float], train: bool) -> None:
+    def __init__(self, crop_size: int, base_size: int, scale_range: list[float] | tuple[float, float], train: bool,
+                 fill: tuple[float, ...] = (0, 0, 0)) -> None:  # fmt: skip
         self.crop, self.base, self.scale_range, self.train = crop_size, base_size, tuple(scale_range), train
+        self.fill = fill
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         short = self.base or min(image.shape[-2:])
@@ -62,22 +94,33 @@ class SegmentationTransform:
             return image, mask
         if torch.rand(()) < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
-        pad_h, pad_w = max(self.crop - image.shape[-2], 0), max(self.crop - image.shape[-1], 0)
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        height, width = max(self.crop, image.shape[-2]), max(self.crop, image.shape[-1])
+        if (height, width) != tuple(image.shape[-2:]):
+            image, mask = _pad_bottom_right(image, mask, height, width, self.fill)
         top = int(torch.randint(image.shape[-2] - self.crop + 1, ()))
         left = int(torch.randint(image.shape[-1] - self.crop + 1, ()))
         window = (..., slice(top, top + self.crop), slice(left, left + self.crop))
         return image[window].contiguous(), mask[window].contiguous()
 
 
+def _pad_bottom_right(image: torch.Tensor, mask: torch.Tensor, height: int, width: int,
+                      fill: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    canvas = torch.tensor(fill, dtype=image.dtype).view(-1, 1, 1).expand(image.shape[0], height, width).clone()
+    canvas[:, : image.shape[-2], : image.shape[-1]] = image
+    padded = mask.new_full((height, width), IGNORE_INDEX)
+    padded[: mask.shape[-2], : mask.shape[-1]] = mask
+    return canvas, padded
+
+
 def _resize_short_side(image: torch.Tensor, mask: torch.Tensor, short: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
     height, width = image.shape[-2:]
     if min(height, width) == short:
         return image, mask
     scale = short / min(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
-    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(mask.dtype)
-    return image, mask
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=scale < 1)
+    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0]
+    return image, resized.to(mask.dtype)

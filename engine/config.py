@@ -50,6 +50,7 @@ class DataConfig:
     base_size: int = 0  # segmentation: short side before the random scale, and for evaluation; 0 = as stored
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # segmentation: random rescale factors
     augment: bool = True
+    decoder: Literal["auto", "torchvision", "pil"] = "auto"  # image files: auto picks the fastest that reads them
     drop_last: bool = True
     download: bool = False  # cifar only: opt in to downloading
     # synthetic/fake datasets only

@@ -28,6 +28,8 @@ HELP: dict[str, str] = {
     "data.base_size": "segmentation: short side before the random scale, and at evaluation; 0 = as stored",
     "data.scale_range": "segmentation training: the random rescale factor's range (x data.base_size)",
     "data.augment": "training augmentation (seeded per seed, epoch and sample)",
+    "data.decoder": "image files: torchvision (libjpeg-turbo, into tensors), pil, or auto (the fastest that reads the "
+                    "file; PIL's reduced-size JPEG decode at evaluation where it covers the resize)",
     "data.drop_last": "drop the last incomplete training batch",
     "data.download": "cifar: let torchvision fetch the archive into data.root",
     "data.num_train": "synthetic and fake data: training samples",

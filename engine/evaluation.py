@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader
 from engine.bn import RunningStatistics
 from engine.config import TrainConfig
 from engine.ema import ModelEma
+from engine.inputs import InputPrep
 from engine.tasks import Task
-from engine.trainer import autocast, to_device
+from engine.trainer import autocast
 from engine.watchdog import enter, progress
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device, cfg: TrainConfig) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, inputs: InputPrep, cfg: TrainConfig) -> dict[str, Any]:
     """The task's scores over the whole validation set (classification: loss, top-1, top-5; segmentation: loss,
     mIoU, pixel accuracy, per-class IoU), from sums and counts reduced across ranks.
 
@@ -28,11 +29,11 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.dev
     """
     model.eval()
     enter("evaluating", in_collective=False)
-    scorer = task.scorer(device)
+    scorer = task.scorer(inputs.device)
     for images, targets in loader:
         progress()
-        images, targets = to_device(images, device, cfg.channels_last), targets.to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
+        images, targets = inputs(images), inputs.targets(targets)
+        with autocast(inputs.device, cfg.amp):
             output = model(images)
         scorer.update(output, targets)
     enter("in the evaluation's final sum", in_collective=True)

@@ -19,6 +19,7 @@ from engine.bn import RunningStatistics
 from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig
 from engine.faults import FaultInjector
+from engine.inputs import InputPrep
 from engine.step_events import StepEvents
 from engine.tasks import Task
 from engine.train_state import TrainState
@@ -35,7 +36,7 @@ class TrainLoop:
     scaler: torch.amp.GradScaler
     cfg: TrainConfig
     task: Task  # the loss of a batch
-    device: torch.device
+    inputs: InputPrep  # a batch on the device, as the model takes it
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,6 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    memory_format = torch.channels_last if channels_last and batch.ndim == 4 else torch.preserve_format
-    return batch.to(device, non_blocking=True, memory_format=memory_format)
-
-
 def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, events: StepEvents) -> EpochResult:
     """Run the optimizer steps left in ``state.epoch`` (from ``state.epoch_step`` on, so a resume continues at
     the same sample); ends early, with ``stopped``, when the ranks agree that a stop signal arrived."""
@@ -67,11 +63,11 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, even
     start, steps_before = time.perf_counter(), state.epoch_step
     model.train()
     for i, (images, targets) in enumerate(events.batches(loader, state)):
-        images, targets = to_device(images, loop.device, cfg.channels_last), targets.to(loop.device, non_blocking=True)
+        images, targets = loop.inputs(images), loop.inputs.targets(targets)
         ends_step = (i + 1) % accum == 0
         # DDP all-reduces gradients in the backward of the micro-batch that ends an accumulation window only
         with nullcontext() if ends_step or not isinstance(model, DDP) else model.no_sync():
-            with autocast(loop.device, cfg.amp):
+            with autocast(loop.inputs.device, cfg.amp):
                 loss = loop.task.loss(model(images), targets)
             loss = events.loss(loss, len(targets), ends_step, state)
             loop.scaler.scale(loss / accum).backward()

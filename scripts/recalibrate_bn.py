@@ -30,6 +30,7 @@ from engine.config import load_config  # noqa: E402
 from engine.distributed import cleanup, init_distributed, launch_world_size  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
+from engine.inputs import InputPrep  # noqa: E402
 from engine.logging import format_metrics, print_error, setup_logger  # noqa: E402
 from engine.model_setup import prepare_model, settle_policy  # noqa: E402
 from engine.tasks import build_task  # noqa: E402
@@ -62,16 +63,17 @@ def recalibrate(argv: list[str] | None = None) -> str:
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
     pin = ctx.device.type == "cuda"
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
-    batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin)
+    inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)
+    batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin, inputs)
     policy = settle_policy(cfg, ctx.world_size)
     as_trained = RunningStatistics(policy)  # the checkpoint's statistics, made to agree across ranks
     as_trained.track(model)
     as_trained.before_evaluation(step=0)
-    before = evaluate(model, val_loader, task, ctx.device, cfg.train)
+    before = evaluate(model, val_loader, task, inputs, cfg.train)
     precise = RunningStatistics(policy, batches, report=log.info)
     precise.track(model, cfg.syncbn.precise_bn_samples or DEFAULT_SAMPLES)
     precise.before_evaluation(step=0)
-    after = evaluate(model, val_loader, task, ctx.device, cfg.train)
+    after = evaluate(model, val_loader, task, inputs, cfg.train)
 
     stem, _ = os.path.splitext(args.checkpoint)
     out = f"{stem}_recalibrated.pt"

@@ -12,6 +12,7 @@ import torch
 from data import build_datasets
 from data.loaders import build_precise_batches
 from engine.config import load_config
+from engine.inputs import InputPrep
 from models import build_model
 from tests.helpers.jobs import REPO_ROOT, child_env, run_train_preloaded, tiny_overrides
 from tests.helpers.syncbn import population_statistics
@@ -27,7 +28,8 @@ def _reference(run_dir, checkpoint) -> dict[str, tuple[torch.Tensor, torch.Tenso
     model = build_model(cfg.model)
     model.load_state_dict(checkpoint["model"])
     train = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed).train
-    batches = [images for images, _ in build_precise_batches(train, cfg, rank=0, world_size=1, pin_memory=False)]
+    prepare = InputPrep(torch.device("cpu"))  # generated float images: taken as they are
+    batches = [images for images, _ in build_precise_batches(train, cfg, 0, 1, pin_memory=False, prepare=prepare)]
     return population_statistics(model, batches[: SAMPLES // 32])
 
 

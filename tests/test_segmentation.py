@@ -21,6 +21,7 @@ from data.loaders import build_val_loader, pad_collate
 from data.transforms import SegmentationTransform
 from engine.config import load_config
 from engine.evaluation import evaluate
+from engine.inputs import InputPrep
 from engine.launch import spawn
 from engine.tasks import IGNORE_INDEX, SegmentationTask, main_output
 from models import build_model
@@ -66,25 +67,35 @@ def _model_and_val(overrides: list[str]):
     torch.manual_seed(0)
     classes = cfg.model.num_classes
     model = torch.nn.Sequential(torch.nn.Conv2d(3, classes, 3, padding=1), torch.nn.BatchNorm2d(classes))
-    return cfg, model, build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed).val
+    return cfg, model, build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
 
 
 def _evaluate_worker(rank: int, world_size: int, folder: str) -> dict[str, dict]:
     results = {}
     for name, overrides in _score_cases(Path(folder)).items():
-        cfg, model, val = _model_and_val(overrides)
-        loader = build_val_loader(val, cfg.data, rank, world_size, pin_memory=False)
-        results[name] = evaluate(model, loader, SegmentationTask(cfg.model.num_classes), torch.device("cpu"), cfg.train)
+        cfg, model, pair = _model_and_val(overrides)
+        loader = build_val_loader(pair.val, cfg.data, rank, world_size, pin_memory=False)
+        inputs = InputPrep(torch.device("cpu"), *pair.mean_std)
+        results[name] = evaluate(model, loader, SegmentationTask(cfg.model.num_classes), inputs, cfg.train)
     return results
 
 
 def _reference(overrides: list[str]) -> dict:
-    cfg, model, val = _model_and_val(overrides)
-    return _scores_by_hand(model, val, cfg.model.num_classes)
+    cfg, model, pair = _model_and_val(overrides)
+    return _scores_by_hand(model, pair, cfg.model.num_classes)
 
 
-def _scores_by_hand(model: torch.nn.Module, val, classes: int) -> dict:
+def _normalised(image: torch.Tensor, pair) -> torch.Tensor:
+    """A uint8 image as the model takes it, computed here: scaled to [0, 1], minus the mean, over the std."""
+    if image.dtype != torch.uint8:
+        return image
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in pair.mean_std)
+    return (image.float() / 255 - mean) / std
+
+
+def _scores_by_hand(model: torch.nn.Module, pair, classes: int) -> dict:
     """One process, every image alone, intersections and unions counted with boolean masks (no confusion matrix)."""
+    val = pair.val
     model.eval()
     inter, union = torch.zeros(classes, dtype=torch.int64), torch.zeros(classes, dtype=torch.int64)
     hits = labelled = 0
@@ -92,7 +103,7 @@ def _scores_by_hand(model: torch.nn.Module, val, classes: int) -> dict:
     with torch.no_grad():
         for i in range(len(val)):
             image, mask = val[i]
-            logits = main_output(model(image[None]))[0]
+            logits = main_output(model(_normalised(image, pair)[None]))[0]
             pred, keep = logits.argmax(0), mask != IGNORE_INDEX
             for c in range(classes):
                 inter[c] += ((pred == c) & (mask == c) & keep).sum()
@@ -183,7 +194,7 @@ def test_deeplabv3_with_aux_head_trains_on_a_voc_layout_in_two_processes(tmp_pat
     cfg = load_config(str(tmp_path / "run" / "config.yaml"))
     model = build_model(cfg.model, cfg.task)
     model.load_state_dict(state)
-    want = _scores_by_hand(model, build_datasets(cfg.data, 21, cfg.train.seed).val, 21)
+    want = _scores_by_hand(model, build_datasets(cfg.data, 21, cfg.train.seed), 21)
     assert record["val_iou"] == pytest.approx(want["val_iou"], abs=1e-6)
     assert record["val_miou"] == pytest.approx(want["val_miou"], abs=1e-6)
     assert record["val_pixel_acc"] == pytest.approx(want["val_pixel_acc"], abs=1e-6)

@@ -12,6 +12,7 @@ from data import build_datasets
 from data.loaders import build_val_loader
 from engine.config import load_config
 from engine.evaluation import evaluate
+from engine.inputs import InputPrep
 from engine.launch import spawn
 from engine.tasks import ClassificationTask
 from models import build_model
@@ -28,7 +29,7 @@ def _evaluate_worker(rank: int, world_size: int) -> dict[str, float]:
     model = build_model(cfg.model)
     val = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed).val
     loader = build_val_loader(val, cfg.data, rank, world_size, pin_memory=False)
-    return evaluate(model, loader, ClassificationTask(), torch.device("cpu"), cfg.train)
+    return evaluate(model, loader, ClassificationTask(), InputPrep(torch.device("cpu")), cfg.train)
 
 
 def _reference_metrics() -> dict[str, float]:

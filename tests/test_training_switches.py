@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 from data.loaders import build_train_loader
 from engine.config import DataConfig, TrainConfig
+from engine.inputs import InputPrep
 from engine.launch import spawn
 from engine.preemption import StopSignal
 from engine.step_events import StepEvents
@@ -43,7 +44,7 @@ def _train(model: nn.Module, cfg: TrainConfig, dataset: TensorDataset, batch: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=cfg.amp == "fp16")
     steps = len(loader) // cfg.accumulate_steps
-    loop = TrainLoop(trained, optimizer, scheduler, scaler, cfg, ClassificationTask(), torch.device("cpu"))
+    loop = TrainLoop(trained, optimizer, scheduler, scaler, cfg, ClassificationTask(), InputPrep(torch.device("cpu")))
     events = StepEvents(cfg, model, optimizer, steps, batch * world * cfg.accumulate_steps, StopSignal(),
                         save=lambda state: None, log_enabled=False)  # fmt: skip
     train_one_epoch(loop, loader, TrainState(), events)
