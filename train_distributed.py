@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, precise_batches, report=log.info)
     score = partial(evaluate, loader=val_loader, task=task, inputs=inputs, cfg=cfg.train)  # exact, all ranks
     evaluate_run = RunEvaluation(score, bn_stats, raw_model, ema)  # BatchNorm statistics settled, then scored
-    checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema)
+    checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema, datasets.inference())
     state = TrainState()
     log_banner(ctx, cfg, raw_model, lr)
     if cfg.train.eval_only:

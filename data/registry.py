@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -26,6 +27,12 @@ class DatasetPair:
     num_classes: int
     class_names: list[str] | None = None
     preprocessing: Preprocessing | None = None
+
+    def inference(self) -> dict[str, Any]:
+        """What a checkpoint keeps so its model can be used on new images (``scripts/predict.py``, ``export.py``):
+        plain data, loadable with ``weights_only=True``."""
+        return {"class_names": self.class_names,
+                "preprocessing": self.preprocessing.as_dict() if self.preprocessing else None}  # fmt: skip
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:

@@ -28,6 +28,20 @@ VOC_CLASSES = len(VOC_CLASS_NAMES)  # background + 20 object classes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def voc_palette() -> list[int]:
+    """PASCAL VOC's colour map, 256 RGB triples: class 0 black, then colours from the class index's bits (what
+    every VOC mask's palette holds; predicted masks are written with it)."""
+    colours = []
+    for index in range(256):
+        r = g = b = 0
+        bits = index
+        for shift in range(7, -1, -1):
+            r, g, b = r | (bits & 1) << shift, g | (bits >> 1 & 1) << shift, b | (bits >> 2 & 1) << shift
+            bits >>= 3
+        colours += [r, g, b]
+    return colours
+
+
 class SegmentationFiles(Dataset):
     """(image path, mask path) pairs; images decoded as RGB by ``decoder``, masks as the class indices of an L- or
     P-mode PNG (a palette PNG's indices are the classes, as in VOC)."""

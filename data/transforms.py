@@ -34,7 +34,8 @@ class Preprocessing:
     crop: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (lists, numbers): for checkpoints and the JSON beside an exported model."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
@@ -46,7 +47,7 @@ class Preprocessing:
 
         steps = [v2.Resize(self.resize, antialias=True)] if self.resize else []
         steps += [v2.CenterCrop(self.crop)] if self.crop else []
-        return v2.Compose(steps)
+        return v2.Compose(steps) if steps else v2.Identity()
 
     def fill(self) -> tuple[int, ...]:
         """The mean colour in uint8: what padding is filled with, so that it normalises to about 0."""
@@ -113,14 +114,12 @@ def _pad_bottom_right(image: torch.Tensor, mask: torch.Tensor, height: int, widt
 
 
 def _resize_short_side(image: torch.Tensor, mask: torch.Tensor, short: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision.transforms.v2 import InterpolationMode
+    """torchvision's short-side resize (the sizes :meth:`Preprocessing.transform` gives: predict and export
+    preprocess exactly as evaluation did), the mask nearest to the image's new size."""
     from torchvision.transforms.v2 import functional as F
 
-    height, width = image.shape[-2:]
-    if min(height, width) == short:
+    if min(image.shape[-2:]) == short:
         return image, mask
-    scale = short / min(height, width)
-    size = [max(1, round(height * scale)), max(1, round(width * scale))]
-    image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=scale < 1)
-    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0]
-    return image, resized.to(mask.dtype)
+    image = F.resize(image, short, antialias=True)
+    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=image.shape[-2:], mode="nearest-exact")
+    return image, resized[0, 0].to(mask.dtype)

@@ -226,15 +226,16 @@ def check_run_compatible(
 
 class Checkpointer:
     """Owns what a checkpoint of this template holds: the model (a plain state_dict), optimizer, scheduler, grad
-    scaler, ``TrainState``, every rank's RNG streams, the resolved config, world size and global batch, and the
-    EMA when the run keeps one. It saves and loads them; when statistics are settled, or which checkpoint a run
-    resumes, is decided elsewhere (``engine.bn.settle``, ``engine.rundir``).
+    scaler, ``TrainState``, every rank's RNG streams, the resolved config, world size and global batch, the EMA
+    when the run keeps one, and how to use the model (``inference``: class names, evaluation preprocessing). It
+    saves and loads them; when statistics are settled, or which checkpoint a run resumes, is decided elsewhere
+    (``engine.bn.settle``, ``engine.rundir``).
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                 ema: ModelEma | None = None) -> None:  # fmt: skip
-        self.cfg, self.ctx = cfg, ctx
+                 ema: ModelEma | None = None, inference: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.cfg, self.ctx, self.inference = cfg, ctx, inference or {}
         self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.global_batch = global_batch_size(cfg, ctx.world_size)
 
@@ -251,6 +252,7 @@ class Checkpointer:
             "scaler": self.scaler.state_dict(),
             "train_state": state.state_dict(),
             "config": config_to_dict(self.cfg),
+            "inference": self.inference,  # class names and evaluation preprocessing: how to use the model
             "world_size": self.ctx.world_size,
             "global_batch": self.global_batch,
             "rng": rng,

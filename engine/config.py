@@ -19,7 +19,7 @@ import yaml
 
 from engine.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
+__all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
 
 
 TASKS = ("classification", "segmentation")
@@ -262,9 +262,14 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override)
+    return resolve_norm_batch(resolve_best_metric(config_from_dict(raw)), world_size)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A config from plain data (a checkpoint's ``config``, a parsed YAML file), type-checked and validated."""
     cfg = _build(Config, raw, "")
     validate(cfg)
-    return resolve_norm_batch(resolve_best_metric(cfg), world_size)
+    return cfg
 
 
 def resolve_best_metric(cfg: Config) -> Config:

@@ -7,19 +7,7 @@ from pathlib import Path
 
 import torch
 
-
-# VOC's colour map: class c's colour from the bits of c (the palette every VOC mask carries)
-def voc_palette() -> list[int]:
-    palette = []
-    for c in range(256):
-        r = g = b = 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+from data.segmentation import voc_palette
 
 
 def sample(seed: int, height: int, width: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

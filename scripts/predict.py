@@ -1,0 +1,138 @@
+"""Predict with a trained checkpoint: images or folders in, the top classes with their probabilities out (or, for a
+segmentation run, a mask PNG per image), with exactly the preprocessing the run evaluated with.
+
+    python scripts/predict.py --checkpoint runs/x/checkpoints/best.pt photo.jpg more_photos/
+    python scripts/predict.py --checkpoint runs/seg/checkpoints/best.pt images/ --out masks/
+    python scripts/predict.py --checkpoint ... --top-k 3 --batch-size 64 --device cuda --ema --out predictions.jsonl
+
+Classification prints one line per image (``path: class 97.1%, class 1.4%, ...``) and, with ``--out FILE``, writes
+a JSON object per line (path, top classes, probabilities). Segmentation writes ``<out>/<image name>.png``: the class
+index per pixel at the image's own size (a palette PNG with VOC's colours: class 0 black). Images are decoded,
+resized and cropped as the run's evaluation did (the checkpoint keeps that as data), then normalised on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` imports when run as a script
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from data.images import decode_image  # noqa: E402
+from data.segmentation import IMAGE_SUFFIXES, voc_palette  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.inputs import InputPrep  # noqa: E402
+from engine.logging import print_error  # noqa: E402
+from scripts.trained_model import Logits, TrainedModel, load_trained_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files, or folders searched for images")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of this template (e.g. .../best.pt)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (at most the number of classes - 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--ema", action="store_true", help="the EMA's weights (a run with train.ema_decay)")
+    parser.add_argument("--out", help="classification: a .jsonl file; segmentation: the folder for the masks")
+    return parser.parse_args(argv)
+
+
+def image_paths(inputs: list[str]) -> list[str]:
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(inputs)}")
+    return paths
+
+
+def batches(paths: list[str], trained: TrainedModel, size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Classification: images decoded and preprocessed as evaluation does, ``size`` at a time (equal sizes: the
+    preprocessing crops)."""
+    preprocessing = trained.preprocessing
+    transform = preprocessing.transform()
+    for start in range(0, len(paths), size):
+        chunk = paths[start : start + size]
+        images = [transform(decode_image(p, trained.cfg.data.decoder, reduce_to=preprocessing.resize)) for p in chunk]
+        yield chunk, torch.stack(images)
+
+
+@torch.no_grad()
+def classify(paths: list[str], trained: TrainedModel, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    model = Logits(trained.model).to(device)
+    inputs = InputPrep(device, trained.preprocessing.mean, trained.preprocessing.std)
+    k = max(1, min(args.top_k, len(trained.class_names) - 1))
+    results = []
+    for chunk, images in batches(paths, trained, args.batch_size):
+        probabilities = model(inputs(images)).float().softmax(1)
+        top = probabilities.topk(k, dim=1)
+        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"path": path, "classes": [trained.class_names[i] for i in indices],
+                            "indices": indices, "probabilities": values})  # fmt: skip
+    return results
+
+
+@torch.no_grad()
+def segment(paths: list[str], trained: TrainedModel, out: str, device: torch.device) -> list[str]:
+    """One image at a time (each keeps its size, as evaluation scores them); masks at the image's own size."""
+    from PIL import Image
+
+    model = Logits(trained.model).to(device)
+    inputs = InputPrep(device, trained.preprocessing.mean, trained.preprocessing.std)
+    transform, palette = trained.preprocessing.transform(), voc_palette()
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for path in paths:
+        image = decode_image(path, trained.cfg.data.decoder)
+        logits = model(inputs(transform(image)[None])).float()
+        mask = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False).argmax(1)[0]
+        png = Image.fromarray(mask.to(torch.uint8).cpu().numpy(), mode="P")
+        png.putpalette(palette)
+        written.append(os.path.join(out, f"{Path(path).stem}.png"))
+        png.save(written[-1])
+    return written
+
+
+def predict(argv: list[str] | None = None) -> list:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    trained = load_trained_model(args.checkpoint, ema=args.ema)
+    paths = image_paths(args.inputs)
+    if trained.cfg.task == "segmentation":
+        written = segment(paths, trained, args.out or "predictions", device)
+        print(f"wrote {len(written)} masks to {args.out or 'predictions'}/")
+        return written
+    results = classify(paths, trained, args, device)
+    for r in results:
+        print(f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(r["classes"], r["probabilities"])))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        predict(argv)
+        return 0
+    except UserError as exc:
+        print_error(str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
