@@ -34,28 +34,17 @@ from common import fmt_stat, machine_banner, med, print_table, ratio_stat, verdi
 from data.imagefolder import EvaluationFile  # noqa: E402
 from data.images import RandomResizedCropFile  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocessing  # noqa: E402
+from scripts.sample_images import photo  # noqa: E402
 
 GOALS = {"train": 1.6, "eval": 1.9}  # the uint8 path's rate over today's (issue #24)
 SUFFIXES = (".jpg", ".jpeg", ".JPEG", ".png")
 
 
 def make_photos(folder: str, count: int, size: tuple[int, int]) -> list[str]:
-    """``count`` JPEGs of ``size`` from matplotlib's photograph: random crops, colour shifts, quality 90."""
-    import matplotlib
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")) as image:
-        source = image.convert("RGB")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        w, h = (int(d * rng.uniform(0.6, 1.0)) for d in source.size)
-        left, top = int(rng.integers(0, source.size[0] - w + 1)), int(rng.integers(0, source.size[1] - h + 1))
-        crop = np.asarray(source.crop((left, top, left + w, top + h)).resize(size, Image.BICUBIC), dtype=np.float32)
-        shifted = np.clip(crop * rng.uniform(0.85, 1.15, 3), 0, 255).astype(np.uint8)
-        paths.append(os.path.join(folder, f"{i:04d}.jpg"))
-        Image.fromarray(shifted).save(paths[-1], quality=90)
+    """``count`` JPEGs of ``size`` from matplotlib's photograph (scripts/sample_images.py), quality 90."""
+    paths = [os.path.join(folder, f"{i:04d}.jpg") for i in range(count)]
+    for i, path in enumerate(paths):
+        photo(size, seed=i).save(path, quality=90)
     return paths
 
 
