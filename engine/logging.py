@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from engine.config import Config, config_to_dict, global_batch_size
 from engine.distributed import DistContext, launch_rank, record_error_for_launcher
+from engine.errors import UserError
 
 LOGGER_NAME = "ddp"
 
@@ -50,6 +51,17 @@ def print_error(message: str, same_on_every_rank: bool = False) -> None:
     record_error_for_launcher(line)
     if rank == 0 or not same_on_every_rank:
         print(line, file=sys.stderr, flush=True)
+
+
+def exit_code(body: Callable[[], object]) -> int:
+    """A script's exit code: 0 when ``body`` returns, 1 with the one-line error when it meets a user error (any other
+    exception keeps its traceback)."""
+    try:
+        body()
+        return 0
+    except UserError as exc:
+        print_error(str(exc), exc.same_on_every_rank)
+        return 1
 
 
 def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float) -> None:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` imports when run as a script
@@ -28,7 +29,7 @@ from torch import nn  # noqa: E402
 
 from engine.bn import revert_sync_batchnorm  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.logging import print_error  # noqa: E402
+from engine.logging import exit_code  # noqa: E402
 from scripts.trained_model import Logits, TrainedModel, load_trained_model  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4  # exported vs eager, float32 on the CPU (the same kernels, other fusion orders)
@@ -112,12 +113,7 @@ def export(argv: list[str] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        export(argv)
-        return 0
-    except UserError as exc:
-        print_error(str(exc))
-        return 1
+    return exit_code(partial(export, argv))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` imports when run as a script
@@ -29,7 +30,7 @@ from data.images import decode_image  # noqa: E402
 from data.segmentation import IMAGE_SUFFIXES, voc_palette  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
-from engine.logging import print_error  # noqa: E402
+from engine.logging import exit_code  # noqa: E402
 from scripts.trained_model import Logits, TrainedModel, load_trained_model  # noqa: E402
 
 
@@ -126,12 +127,7 @@ def predict(argv: list[str] | None = None) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        predict(argv)
-        return 0
-    except UserError as exc:
-        print_error(str(exc))
-        return 1
+    return exit_code(partial(predict, argv))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` imports when run as a script
@@ -28,10 +29,9 @@ from engine.bn import DEFAULT_SAMPLES, RunningStatistics  # noqa: E402
 from engine.checkpoint import atomic_torch_save, check_model_compatible, load_checkpoint, strip_prefixes  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import cleanup, init_distributed, launch_world_size  # noqa: E402
-from engine.errors import UserError  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
-from engine.logging import format_metrics, print_error, setup_logger  # noqa: E402
+from engine.logging import exit_code, format_metrics, setup_logger  # noqa: E402
 from engine.model_setup import prepare_model, settle_policy  # noqa: E402
 from engine.tasks import build_task  # noqa: E402
 from models import build_model  # noqa: E402
@@ -88,11 +88,7 @@ def recalibrate(argv: list[str] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        recalibrate(argv)
-        return 0
-    except UserError as exc:
-        print_error(str(exc), exc.same_on_every_rank)
-        return 1
+        return exit_code(partial(recalibrate, argv))
     finally:
         cleanup()
 
