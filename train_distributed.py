@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     # 4. data: DistributedSampler for training, an exact (unpadded) sharding for evaluation
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
     pin = ctx.device.type == "cuda"
-    train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin)
+    record = f"{cfg.output_dir}/samples_rank{ctx.rank}.txt" if cfg.debug.record_samples else None  # a test hook
+    train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin,
+                                      cfg.train.accumulate_steps, record)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     # uint8 images become float, normalised and channels_last on the device, once per batch
     inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)

@@ -1,8 +1,8 @@
 """Distributed loaders: a resumable, seed-stable train sampler and an exact (unpadded) eval sampler.
 
 Two properties the rest of the template relies on:
-- the samples of global step k are the same at any world size (DistributedSampler's
-  interleaving), and a run can restart at any step of an epoch;
+- the samples of global step k, and of each of its micro-steps, are the same at any world size (contiguous
+  blocks per rank), and a run can restart at any step of an epoch, on any number of processes;
 - augmentation is a pure function of (seed, epoch, sample index), independent of
   world size, worker count and restarts, so resumed runs are bit-identical.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from engine.config import Config, DataConfig
 from engine.distributed import cpus_per_process
@@ -22,24 +22,51 @@ from engine.errors import DataError
 from engine.tasks import IGNORE_INDEX
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can skip the first samples of an epoch and tags each index with its epoch."""
+class GlobalStepSampler(Sampler[tuple[int, int]]):
+    """This rank's share of each global step of an epoch, as contiguous blocks, each index tagged with its epoch.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, drop_last: bool) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
-        self.start_index = 0
+    An epoch is a permutation of the dataset (seeded by ``seed + epoch``, as DistributedSampler's) cut into global
+    steps of G = world x accumulation x batch samples. Within step k, micro-step m, rank r takes positions
+    ``k G + m (W b) + r b ... + b - 1``. So a global step holds the same samples at any world size, and each micro-step
+    the same block of W b samples: the normalisation groups (SyncBN over consecutive ranks, one rank's batch, ghost
+    splits of it) cover the same samples at any world size too, and a run can change its number of processes
+    between two steps and continue the same run. ``drop_last`` drops an incomplete last step; otherwise the
+    permutation wraps around to fill it. ``set_epoch(epoch, start_step)`` resumes inside an epoch.
+    """
 
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Select the epoch's permutation; ``start_index`` samples of this rank's share are skipped (resume)."""
-        super().set_epoch(epoch)
-        self.start_index = start_index
+    def __init__(self, size: int, world_size: int, rank: int, batch_size: int, accumulate_steps: int, seed: int,
+                 drop_last: bool = True, record: str | None = None) -> None:  # fmt: skip
+        self.size, self.world_size, self.rank, self.batch = size, world_size, rank, batch_size
+        self.accumulate_steps, self.seed, self.drop_last, self.record = accumulate_steps, seed, drop_last, record
+        self.global_batch = world_size * accumulate_steps * batch_size
+        steps = size // self.global_batch if drop_last else -(-size // self.global_batch)
+        self.steps, self.epoch, self.start_step = steps, 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's permutation; the first ``start_step`` global steps are skipped (a resume)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start_index :]
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.repeat(-(-self.steps * self.global_batch // self.size))  # wraps around when not drop_last
+        span = self.world_size * self.batch  # one micro-step of every rank
+        positions = [k * self.global_batch + m * span + self.rank * self.batch + j
+                     for k in range(self.start_step, self.steps) for m in range(self.accumulate_steps)
+                     for j in range(self.batch)]  # fmt: skip
+        indices = order[positions].tolist()
+        if self.record is not None:  # test hook (debug.record_samples): what this rank fetches, as it fetches it
+            return self._recorded(positions, indices)
         return iter([(index, self.epoch) for index in indices])
 
+    def _recorded(self, positions: list[int], indices: list[int]) -> Iterator[tuple[int, int]]:
+        with open(self.record, "a", encoding="utf-8") as f:
+            for position, index in zip(positions, indices):
+                f.write(f"{self.epoch} {position} {index}\n")
+                f.flush()
+                yield index, self.epoch
+
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        return (self.steps - self.start_step) * self.accumulate_steps * self.batch
 
 
 class ShardedEvalSampler(Sampler[int]):
@@ -113,16 +140,16 @@ def _loader_kwargs(cfg: DataConfig, pin_memory: bool) -> dict:
     }
 
 
-def build_train_loader(
-    dataset: Dataset, cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool
-) -> DataLoader:
-    """Shuffled, sharded by DistributedSampler; call ``loader.sampler.set_epoch(e)`` every epoch."""
-    sampler = ResumableDistributedSampler(dataset, world_size, rank, seed=seed, drop_last=cfg.drop_last)
+def build_train_loader(dataset: Dataset, cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool,
+                       accumulate_steps: int = 1, record: str | None = None) -> DataLoader:  # fmt: skip
+    """Each global step's samples, this rank's contiguous share (:class:`GlobalStepSampler`); call
+    ``loader.sampler.set_epoch(e)`` every epoch. ``record``: a file this rank's sample indices are appended to."""
+    sampler = GlobalStepSampler(len(dataset), world_size, rank, cfg.batch_size, accumulate_steps, seed, cfg.drop_last,
+                                record)  # fmt: skip
     return DataLoader(
         SeededAugmentation(dataset, seed),
         batch_size=cfg.batch_size,
         sampler=sampler,
-        drop_last=cfg.drop_last,
         generator=torch.Generator().manual_seed(seed + rank),
         **_loader_kwargs(cfg, pin_memory),
     )
@@ -181,7 +208,7 @@ def steps_per_epoch(loader: DataLoader, accumulate_steps: int) -> int:
     if steps == 0:
         raise DataError(
             f"data.batch_size: {len(loader.dataset)} training samples give no full step of {loader.batch_size} "
-            f"per process x {loader.sampler.num_replicas} processes x {accumulate_steps} accumulation "
+            f"per process x {loader.sampler.world_size} processes x {accumulate_steps} accumulation "
             f"(train.accumulate_steps); lower data.batch_size or use fewer processes"
         )
     return steps

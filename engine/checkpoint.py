@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.config import Config, config_to_dict, global_batch_size
+from engine.config import Config, config_from_dict, config_to_dict, global_batch_size, normalisation_batch
 from engine.distributed import DistContext, gather_objects
 from engine.ema import ModelEma
 from engine.errors import CheckpointError
@@ -191,16 +191,16 @@ def _to_tuples(obj: Any) -> Any:
     return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
 
 
-def check_run_compatible(
-    ckpt: dict[str, Any], model_name: str, global_batch: int, world_size: int, path: str, optimizer: str | None = None
-) -> str:
-    """Refuse a checkpoint of another model, optimizer or global batch; warn when only the world size changed."""
+def check_run_compatible(ckpt: dict[str, Any], cfg: Config, world_size: int, path: str) -> str:
+    """Refuse a checkpoint of another model, optimizer, global batch or normalisation batch; on another number of
+    processes, the line that says how the run continues."""
     saved = ckpt.get("config", {})
+    model_name, optimizer, global_batch = cfg.model.name, cfg.train.optimizer, global_batch_size(cfg, world_size)
     saved_model = saved.get("model", {}).get("name")
     if saved_model is not None and saved_model != model_name:
         raise CheckpointError(f"checkpoint {path} was trained with model.name={saved_model}, this run uses {model_name}")
     saved_optimizer = saved.get("train", {}).get("optimizer")
-    if optimizer is not None and saved_optimizer is not None and saved_optimizer != optimizer:
+    if saved_optimizer is not None and saved_optimizer != optimizer:
         # another optimizer's state (momentum vs. Adam moments) would load, then crash at the first step
         raise CheckpointError(
             f"checkpoint {path} was trained with train.optimizer={saved_optimizer}, this run uses {optimizer} "
@@ -210,15 +210,22 @@ def check_run_compatible(
     if saved_batch is not None and saved_batch != global_batch:
         raise CheckpointError(
             f"checkpoint {path} was trained with global batch {saved_batch}, this run has {global_batch} "
-            "(keep data.batch_size x world size x train.accumulate_steps, or start a new output_dir)"
+            "(keep data.batch_size x world size x train.accumulate_steps, set data.global_batch_size, or start a new "
+            "output_dir)"
         )
     saved_world = ckpt.get("world_size")
-    if saved_world is not None and saved_world != world_size:
-        return (
-            f"warning: resuming a world-size-{saved_world} run on {world_size} processes with the same global batch: "
-            "training continues, but is no longer bit-exact"
+    if saved_world is None or saved_world == world_size:
+        return ""
+    before, now = normalisation_batch(config_from_dict(saved), saved_world), normalisation_batch(cfg, world_size)
+    if before != now:
+        raise CheckpointError(
+            f"checkpoint {path}: its run normalised BatchNorm over {before} samples on {saved_world} processes; this "
+            f"run would over {now} on {world_size}: set syncbn.norm_batch_size={before} to keep it"
         )
-    return ""
+    return (f"resumed a {saved_world}-process run on {world_size} process{'es' if world_size > 1 else ''}: global "
+            f"batch {global_batch}, "
+            f"normalisation batch {now}, step {ckpt['train_state']['step']}; per-rank random streams (dropout and "
+            "the like) start afresh from train.seed + rank (augmentation is per sample, unchanged)")
 
 
 # --------------------------------------------------------------------------- the run's checkpoints, both ways
@@ -293,10 +300,9 @@ class Checkpointer:
         """Continue the run saved at ``path``: weights, optimizer, schedule, scaler, position, RNG streams and EMA.
         Returns the loaded checkpoint."""
         loaded = self.load_model(path)
-        warning = check_run_compatible(loaded, self.cfg.model.name, self.global_batch, self.ctx.world_size, path,
-                                       optimizer=self.cfg.train.optimizer)
-        if warning:
-            get_logger().warning(warning)
+        moved = check_run_compatible(loaded, self.cfg, self.ctx.world_size, path)
+        if moved:
+            get_logger().info(moved)
         planned = [group["initial_lr"] for group in self.optimizer.param_groups]  # this run's lr, before loading
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])

@@ -44,6 +44,7 @@ class DataConfig:
     name: str = "synthetic"
     root: str = "./data_cache"
     batch_size: int = 32  # per process
+    global_batch_size: int = 0  # > 0: the batch of a step over all processes; decides batch_size per world size
     val_batch_size: int = 0  # per process; 0 = same as batch_size
     num_workers: int | Literal["auto"] = "auto"  # auto: from the CPUs each process of this node gets
     image_size: int = 32  # segmentation: the training crop
@@ -128,6 +129,7 @@ class DebugConfig:
     fault_kind: Literal["raise", "exit", "nan", "sigkill", "hang"] = "raise"
     fault_point: Literal["step", "before_checkpoint", "after_checkpoint"] = "step"  # where, for raise/exit/sigkill/hang
     fault_once: bool = False  # with a marker in output_dir, so a restarted job passes the step
+    record_samples: bool = False  # each rank appends the sample indices it trains on to output_dir/samples_rank<r>.txt
 
 
 @dataclass
@@ -241,8 +243,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """Read YAML (safe loader), apply overrides in order, type-check and validate; ``syncbn.norm_batch_size``
-    is resolved for ``world_size`` processes (the launcher's, known before any process group exists)."""
+    """Read YAML (safe loader), apply overrides in order, type-check and validate; ``data.global_batch_size`` and
+    ``syncbn.norm_batch_size`` are resolved for ``world_size`` processes (the launcher's, known before any process
+    group exists)."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -262,7 +265,9 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override)
-    return resolve_norm_batch(resolve_best_metric(config_from_dict(raw)), world_size)
+    cfg = resolve_best_metric(config_from_dict(raw))
+    batch_given = isinstance(raw.get("data"), dict) and "batch_size" in raw["data"]
+    return resolve_norm_batch(resolve_global_batch(cfg, world_size, batch_given), world_size)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -282,6 +287,27 @@ def resolve_best_metric(cfg: Config) -> Config:
         raise ConfigError(f"train.best_metric: {cfg.train.best_metric} is not a metric of task {cfg.task} "
                           f"(it has {', '.join(metrics)})")
     return cfg
+
+
+def resolve_global_batch(cfg: Config, world_size: int, batch_given: bool = False) -> Config:
+    """``data.global_batch_size: G`` -> ``data.batch_size`` = G / (world size x ``train.accumulate_steps``), so the
+    same config makes the same run on any number of processes that splits G. A world size that cannot, or a
+    ``data.batch_size`` given beside G that contradicts it, is one line naming what can."""
+    g, accum = cfg.data.global_batch_size, cfg.train.accumulate_steps
+    if g == 0:
+        return cfg
+    if g % (world_size * accum):
+        can = [str(w) for w in range(1, g // accum + 1) if g % (w * accum) == 0]
+        raise ConfigError(f"data.global_batch_size: {g} cannot be split over {world_size} processes x {accum} "
+                          f"accumulation steps (train.accumulate_steps); process counts that can: {', '.join(can)}")
+    batch = g // (world_size * accum)
+    if batch_given and cfg.data.batch_size != batch:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per process contradicts data.global_batch_size {g} "
+                          f"on {world_size} processes x {accum} accumulation steps ({batch} per process); set one of "
+                          "them (data.global_batch_size=0 keeps the batch per process)")
+    resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
+    validate(resolved)
+    return resolved
 
 
 def norm_batch_choices(batch: int, world_size: int, smallest: int = 2) -> list[int]:
@@ -325,6 +351,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1 (it is per process)"),
+        (cfg.data.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0 = off)"),
         (cfg.data.val_batch_size >= 0, "data.val_batch_size", "must be >= 0 (0 = data.batch_size)"),
         (cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0 or auto"),
         (cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
@@ -394,12 +421,24 @@ def global_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.data.batch_size * world_size * cfg.train.accumulate_steps
 
 
+def normalisation_batch(cfg: Config, world_size: int) -> int:
+    """Samples per BatchNorm statistic in a training forward: SyncBN's group (every rank, or
+    ``syncbn.group_size`` consecutive ones) x the per-process batch, one process's batch, or a ghost split of it."""
+    if cfg.syncbn.enabled:
+        return cfg.data.batch_size * (cfg.syncbn.group_size or world_size)
+    return cfg.data.batch_size // cfg.syncbn.virtual_splits
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain data (dicts, lists, str, numbers): safe for YAML, JSON and ``torch.load(weights_only=True)``."""
     return dataclasses.asdict(cfg)
 
 
 def dump_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML so the run can be reproduced with ``--config path``."""
+    """Write the resolved config as YAML so the run can be reproduced with ``--config path`` (a per-process batch
+    derived from ``data.global_batch_size`` is left out: it is derived again, for any world size)."""
+    data = config_to_dict(cfg)
+    if cfg.data.global_batch_size:
+        del data["data"]["batch_size"]
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)

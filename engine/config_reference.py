@@ -22,6 +22,8 @@ HELP: dict[str, str] = {
                  "segmentation_folder; or your own",
     "data.root": "where the dataset's files are",
     "data.batch_size": "samples per step **per process**",
+    "data.global_batch_size": "samples per optimizer step over all processes; > 0 derives data.batch_size for each "
+                              "world size (a run continues on another number of processes); 0 = off",
     "data.val_batch_size": "evaluation batch per process; 0 = data.batch_size",
     "data.num_workers": "loader workers per process; auto: the CPUs each process of the node gets, minus one, at most 8",
     "data.image_size": "training and evaluation image side, in pixels; segmentation: the training crop",
@@ -88,6 +90,7 @@ HELP: dict[str, str] = {
     "debug.fault_kind": "test-only fault injection: raise, exit, nan, sigkill or hang",
     "debug.fault_point": "test-only fault injection: step, before_checkpoint or after_checkpoint",
     "debug.fault_once": "test-only fault injection: not again after a restart",
+    "debug.record_samples": "test-only: each rank appends the sample indices it trains on to output_dir/samples_rank<r>.txt",
 }
 
 

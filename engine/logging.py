@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from engine.config import Config, config_to_dict, global_batch_size
+from engine.config import Config, config_to_dict, global_batch_size, normalisation_batch
 from engine.distributed import DistContext, launch_rank, record_error_for_launcher
 from engine.errors import UserError
 
@@ -90,19 +90,14 @@ def _image_size(cfg: Config) -> str:
 def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
     kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if isinstance(m, _BatchNorm))
     layers = ", ".join(f"{n} x {kind}" for kind, n in kinds.items()) or "no BatchNorm layers"
-    batch = cfg.data.batch_size
     if cfg.syncbn.enabled:
-        ranks = cfg.syncbn.group_size or ctx.world_size
         scope = f"groups of {cfg.syncbn.group_size} ranks" if cfg.syncbn.group_size else f"all {ctx.world_size} ranks"
         what = f"synchronised over {scope}" if ctx.world_size > 1 else "SyncBN on, world size 1: nothing to synchronise"
-        norm = batch * ranks
     elif cfg.syncbn.virtual_splits > 1:
         what = f"ghost BatchNorm, {cfg.syncbn.virtual_splits} virtual splits per process"
-        norm = batch // cfg.syncbn.virtual_splits
     else:
         what = f"local per process (SyncBN off), buffers made consistent by '{cfg.syncbn.buffer_policy}'"
-        norm = batch
-    return f"normalisation batch {norm}: {what} [{layers}]"
+    return f"normalisation batch {normalisation_batch(cfg, ctx.world_size)}: {what} [{layers}]"
 
 
 def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:

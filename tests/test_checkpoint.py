@@ -16,6 +16,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import rundir
+from engine.config import Config, config_to_dict, load_config
 from engine.logging import LOGGER_NAME
 from tests.helpers.checkpoints import RunsCode
 
@@ -168,16 +169,27 @@ def test_no_good_checkpoint_left(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- compatibility
 
 
+def _config(*overrides: str, world: int = 2) -> Config:
+    return load_config(None, ["data.batch_size=16", *overrides], world)
+
+
 def test_run_compatibility() -> None:
-    saved = fake_state(1)
-    assert ckpt.check_run_compatible(saved, "small_cnn", 32, 2, "p", optimizer="sgd") == ""
-    assert "world-size-2 run on 4 processes" in ckpt.check_run_compatible(saved, "small_cnn", 32, 4, "p")
+    saved = fake_state(1)  # 2 processes x 16, SyncBN over both: global and normalisation batch 32
+    saved["config"] = config_to_dict(_config())
+    saved["global_batch"] = 32
+    assert ckpt.check_run_compatible(saved, _config(), 2, "p") == ""
+    moved = ckpt.check_run_compatible(saved, _config("data.batch_size=8", world=4), 4, "p")
+    assert moved.startswith("resumed a 2-process run on 4 processes: global batch 32, normalisation batch 32, step 1;")
     with pytest.raises(ckpt.CheckpointError, match="model.name=small_cnn"):
-        ckpt.check_run_compatible(saved, "resnet18", 32, 2, "p")
+        ckpt.check_run_compatible(saved, _config("model.name=resnet18"), 2, "p")
     with pytest.raises(ckpt.CheckpointError, match="global batch 32"):
-        ckpt.check_run_compatible(saved, "small_cnn", 64, 2, "p")
+        ckpt.check_run_compatible(saved, _config("data.batch_size=32"), 2, "p")
     with pytest.raises(ckpt.CheckpointError, match="train.optimizer=sgd"):
-        ckpt.check_run_compatible(saved, "small_cnn", 32, 2, "p", optimizer="adamw")
+        ckpt.check_run_compatible(saved, _config("train.optimizer=adamw"), 2, "p")
+    # groups of 2 ranks at 4 processes normalise over 16: not the run's 32
+    with pytest.raises(ckpt.CheckpointError, match="normalised BatchNorm over 32 samples on 2 processes; this run "
+                                                   "would over 16 on 4: set syncbn.norm_batch_size=32"):
+        ckpt.check_run_compatible(saved, _config("data.batch_size=8", "syncbn.group_size=2", world=4), 4, "p")
 
 
 def test_model_compatibility() -> None:

@@ -32,7 +32,7 @@ def test_shipped_configs_load():
     assert (voc.task, voc.data.name, voc.model.aux_loss_weight, voc.data.val_batch_size) == ("segmentation", "voc", 0.5, 1)
     default = load_config("configs/default.yaml")
     assert (default.data.name, default.model.name, default.syncbn.enabled) == ("synthetic", "small_cnn", True)
-    resnet50 = load_config("configs/imagenet_resnet50.yaml")
+    resnet50 = load_config("configs/imagenet_resnet50.yaml", world_size=8)
     assert (resnet50.data.batch_size, resnet50.train.lr_scaling, resnet50.train.warmup_epochs) == (32, "linear", 5)
 
 

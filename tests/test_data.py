@@ -22,10 +22,10 @@ def _augmented_train_set():
 
 
 def _batches(dataset, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0, epoch: int = 1,
-             start_index: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+             start_step: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cfg = DataConfig(name="synthetic", batch_size=batch_size, num_workers=workers, drop_last=True)
     loader = build_train_loader(dataset, cfg, SEED, rank, world, pin_memory=False)
-    loader.sampler.set_epoch(epoch, start_index)
+    loader.sampler.set_epoch(epoch, start_step)
     return list(loader)
 
 
@@ -55,7 +55,7 @@ def test_a_global_step_holds_the_same_augmented_samples_at_any_world_size_and_af
     two_ranks = [_batches(dataset, 4, rank=r, world=2) for r in range(2)]
     for step, (x, _) in enumerate(one_process):
         assert _rows(x) == _rows(two_ranks[0][step][0]) | _rows(two_ranks[1][step][0]), f"step {step} differs"
-    resumed = [_batches(dataset, 4, rank=r, world=2, start_index=2 * 4) for r in range(2)]  # 2 steps done
+    resumed = [_batches(dataset, 4, rank=r, world=2, start_step=2) for r in range(2)]  # 2 steps done
     for r in range(2):
         assert len(resumed[r]) == len(two_ranks[r]) - 2
         for (x, y), (x_ref, y_ref) in zip(resumed[r], two_ranks[r][2:]):

@@ -31,7 +31,8 @@ DEFAULT_TIMEOUT_S = 120.0
 def tiny_overrides(output_dir: str | os.PathLike, **extra: object) -> list[str]:
     """Overrides for a run of a few seconds: small synthetic data, a 4-wide small_cnn, no workers, no TensorBoard.
 
-    ``extra`` adds or replaces keys, with ``__`` for the dot: ``train__epochs=3`` gives ``train.epochs=3``.
+    ``extra`` adds or replaces keys, with ``__`` for the dot: ``train__epochs=3`` gives ``train.epochs=3``; None
+    drops a key.
     """
     values: dict[str, object] = {
         "output_dir": str(output_dir),
@@ -48,7 +49,7 @@ def tiny_overrides(output_dir: str | os.PathLike, **extra: object) -> list[str]:
     }
     for key, value in extra.items():
         values[key.replace("__", ".")] = value
-    return [f"{key}={_yaml_text(value)}" for key, value in values.items()]
+    return [f"{key}={_yaml_text(value)}" for key, value in values.items() if value is not None]
 
 
 def _yaml_text(value: object) -> str:
