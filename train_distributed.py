@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_datasets
 from data.loaders import build_precise_batches, build_train_loader, build_val_loader, steps_per_epoch
+from engine.bn import LayerCallsDiffer
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer
 from engine.config import global_batch_size
 from engine.distributed import (
@@ -103,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per rank: dropout and the like differ across ranks
 
     # 3. model: build, move, BatchNorm -> SyncBatchNorm (or ghost BN), then DDP
-    task = build_task(cfg)  # classification or segmentation: the loss of a batch, the validation scores
     fetch_once(partial(fetch_weights, cfg.model, cfg.task, log.info), ctx.local_rank)  # model.pretrained: once a node
     model = prepare_model(build_model(cfg.model, cfg.task), cfg, ctx)  # on the device, BatchNorm as configured
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. data: DistributedSampler for training, an exact (unpadded) sharding for evaluation
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    task = build_task(cfg, datasets.ground_truth)  # the loss of a batch, the validation scores
     pin = ctx.device.type == "cuda"
     record = f"{cfg.output_dir}/samples_rank{ctx.rank}.txt" if cfg.debug.record_samples else None  # a test hook
     train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin,
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEma(raw_model, cfg.train) if cfg.train.ema_decay and not cfg.train.eval_only else None
-    bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, precise_batches, report=log.info)
+    bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, precise_batches, log.info, task)
     score = partial(evaluate, loader=val_loader, task=task, inputs=inputs, cfg=cfg.train)  # exact, all ranks
     evaluate_run = RunEvaluation(score, bn_stats, raw_model, ema)  # BatchNorm statistics settled, then scored
     checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema, datasets.inference())
@@ -197,6 +198,9 @@ def run(argv: list[str] | None = None) -> int:
         return main(argv)
     except UserError as exc:
         print_error(str(exc), exc.same_on_every_rank)
+        return 1
+    except LayerCallsDiffer as exc:  # a model that calls SyncBN layers by the data (syncbn.check_calls): all ranks
+        print_error(str(exc), same_on_every_rank=True)
         return 1
     except (RuntimeError, ValueError) as exc:
         if lost_a_peer(exc):

@@ -9,8 +9,9 @@ Two properties the rest of the template relies on:
 
 from __future__ import annotations
 
+import bisect
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from engine.config import Config, DataConfig
 from engine.distributed import cpus_per_process
 from engine.errors import DataError
+from engine.inputs import InputPrep
 from engine.tasks import IGNORE_INDEX
 
 
@@ -32,12 +34,17 @@ class GlobalStepSampler(Sampler[tuple[int, int]]):
     splits of it) cover the same samples at any world size too, and a run can change its number of processes
     between two steps and continue the same run. ``drop_last`` drops an incomplete last step; otherwise the
     permutation wraps around to fill it. ``set_epoch(epoch, start_step)`` resumes inside an epoch.
+
+    ``groups`` (a group id per sample, as detection's aspect-ratio bins): the permutation is first regrouped so that
+    each global step holds samples of one group where it can (:func:`grouped_order`), so every rank's batch pads
+    little, every rank still gets the same number of batches, and a step is still the same at any world size.
     """
 
     def __init__(self, size: int, world_size: int, rank: int, batch_size: int, accumulate_steps: int, seed: int,
-                 drop_last: bool = True, record: str | None = None) -> None:  # fmt: skip
+                 drop_last: bool = True, record: str | None = None, groups: Sequence[int] | None = None) -> None:  # fmt: skip
         self.size, self.world_size, self.rank, self.batch = size, world_size, rank, batch_size
         self.accumulate_steps, self.seed, self.drop_last, self.record = accumulate_steps, seed, drop_last, record
+        self.groups = groups
         self.global_batch = world_size * accumulate_steps * batch_size
         steps = size // self.global_batch if drop_last else -(-size // self.global_batch)
         self.steps, self.epoch, self.start_step = steps, 0, 0
@@ -48,6 +55,8 @@ class GlobalStepSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        if self.groups is not None:
+            order = grouped_order(order, self.groups, self.global_batch)
         order = order.repeat(-(-self.steps * self.global_batch // self.size))  # wraps around when not drop_last
         span = self.world_size * self.batch  # one micro-step of every rank
         positions = [k * self.global_batch + m * span + self.rank * self.batch + j
@@ -67,6 +76,34 @@ class GlobalStepSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.accumulate_steps * self.batch
+
+
+def grouped_order(order: torch.Tensor, groups: Sequence[int], step: int) -> torch.Tensor:
+    """``order`` rearranged into runs of ``step`` samples of one group, in the order the runs fill up while ``order``
+    is walked (torchvision's GroupedBatchSampler, for whole global steps); what is left of each group at the end
+    follows in ``order``'s order, mixing groups. A pure function of its inputs: every rank computes the same."""
+    filling: dict[int, list[int]] = {}
+    full, position = [], {}
+    for at, index in enumerate(order.tolist()):
+        position[index] = at
+        run = filling.setdefault(groups[index], [])
+        run.append(index)
+        if len(run) == step:
+            full.extend(run)
+            run.clear()
+    left = sorted((index for run in filling.values() for index in run), key=position.__getitem__)
+    return torch.tensor(full + left, dtype=order.dtype)
+
+
+def aspect_ratio_groups(dataset: Dataset, factor: int) -> list[int] | None:
+    """Each sample's aspect-ratio bin (width / height against 2**linspace(-1, 1, 2 factor + 1), torchvision's
+    bins), from the sizes a detection dataset knows without decoding (``image_sizes()``: (height, width) per
+    sample); None when ``factor`` is 0 or the dataset knows no sizes (classification crops are all square)."""
+    sizes = getattr(dataset, "image_sizes", None)
+    if factor == 0 or sizes is None:
+        return None
+    bins = [2 ** (-1 + 2 * i / (2 * factor)) for i in range(2 * factor + 1)]
+    return [bisect.bisect_right(bins, width / height) for height, width in sizes()]
 
 
 class ShardedEvalSampler(Sampler[int]):
@@ -142,37 +179,40 @@ def _loader_kwargs(cfg: DataConfig, pin_memory: bool) -> dict:
 
 def build_train_loader(dataset: Dataset, cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool,
                        accumulate_steps: int = 1, record: str | None = None) -> DataLoader:  # fmt: skip
-    """Each global step's samples, this rank's contiguous share (:class:`GlobalStepSampler`); call
-    ``loader.sampler.set_epoch(e)`` every epoch. ``record``: a file this rank's sample indices are appended to."""
+    """Each global step's samples, this rank's contiguous share (:class:`GlobalStepSampler`; grouped by aspect ratio
+    where the dataset knows its image sizes); call ``loader.sampler.set_epoch(e)`` every epoch. ``record``: a file
+    this rank's sample indices are appended to."""
+    groups = aspect_ratio_groups(dataset, cfg.aspect_ratio_group_factor)
     sampler = GlobalStepSampler(len(dataset), world_size, rank, cfg.batch_size, accumulate_steps, seed, cfg.drop_last,
-                                record)  # fmt: skip
+                                record, groups)  # fmt: skip
     return DataLoader(
         SeededAugmentation(dataset, seed),
         batch_size=cfg.batch_size,
         sampler=sampler,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(seed + rank),
         **_loader_kwargs(cfg, pin_memory),
     )
 
 
 class SameBatches:
-    """A train loader read from its epoch 0 each time it is iterated: the same samples every time, the images made
-    by ``prepare`` into what the model takes (on its device)."""
+    """A train loader read from its epoch 0 each time it is iterated: the same samples every time, made by
+    ``inputs`` into what the model takes (on its device)."""
 
-    def __init__(self, loader: DataLoader, prepare: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.loader, self.prepare = loader, prepare
+    def __init__(self, loader: DataLoader, inputs: InputPrep) -> None:
+        self.loader, self.inputs = loader, inputs
 
     def __iter__(self) -> Iterator[Any]:
         self.loader.sampler.set_epoch(0)
-        return ((self.prepare(images), targets) for images, targets in self.loader)
+        return ((self.inputs(images), self.inputs.targets(targets)) for images, targets in self.loader)
 
 
 def build_precise_batches(dataset: Dataset, cfg: Config, rank: int, world_size: int, pin_memory: bool,
-                          prepare: Callable[[torch.Tensor], torch.Tensor]) -> SameBatches:  # fmt: skip
+                          inputs: InputPrep) -> SameBatches:  # fmt: skip
     """PreciseBN's slice of the training data (for the model, the EMA, or a recalibration): a train loader with its
     own seed, always read from epoch 0, so a resumed run recomputes exactly what the uninterrupted one did."""
     loader = build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory)
-    return SameBatches(loader, prepare)
+    return SameBatches(loader, inputs)
 
 
 def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
@@ -181,16 +221,19 @@ def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: i
         dataset,
         batch_size=cfg.val_batch_size or cfg.batch_size,
         sampler=ShardedEvalSampler(dataset, world_size, rank),
-        collate_fn=pad_collate,
+        collate_fn=collate,
         **_loader_kwargs(cfg, pin_memory),
     )
 
 
-def pad_collate(batch: list[tuple[Any, Any]]) -> Any:
-    """torch's default collation, except that images of different sizes (segmentation evaluation keeps each
-    image's own) are padded at the bottom and right to the batch's largest: images with 0, masks with the ignore
-    index, so padding is never scored. (A net sees the padding as context: ``data.val_batch_size: 1`` scores
-    every image alone.)"""
+def collate(batch: list[tuple[Any, Any]]) -> Any:
+    """torch's default collation, except: detection samples (a dict target each) stay a list of images and a list
+    of targets, as detectors take them; images of different sizes (segmentation evaluation keeps each image's own)
+    are padded at the bottom and right to the batch's largest: images with 0, masks with the ignore index, so
+    padding is never scored. (A net sees the padding as context: ``data.val_batch_size: 1`` scores every image
+    alone.)"""
+    if isinstance(batch[0][1], dict):
+        return [image for image, _ in batch], [target for _, target in batch]
     images = [image for image, _ in batch]
     if all(image.shape == images[0].shape for image in images):
         return default_collate(batch)

@@ -20,13 +20,15 @@ __all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_d
 class DatasetPair:
     """Both splits, and what a trained model needs to be used on new images: the class names (None: the class
     indices) and the evaluation preprocessing (None: samples are float tensors the model takes as they are, as
-    generated data's; otherwise uint8 images, normalised on the device by its mean and std)."""
+    generated data's; otherwise uint8 images, normalised on the device by its mean and std). Detection data also
+    gives the validation split's ground truth, a COCO instances dict, which its exact evaluation scores against."""
 
     train: Dataset
     val: Dataset
     num_classes: int
     class_names: list[str] | None = None
     preprocessing: Preprocessing | None = None
+    ground_truth: dict[str, Any] | None = None
 
     def inference(self) -> dict[str, Any]:
         """What a checkpoint keeps so its model can be used on new images (``scripts/predict.py``, ``export.py``):
@@ -46,8 +48,9 @@ DATASETS: dict[str, Builder] = {}
 
 def register_dataset(name: str) -> Callable[[Builder], Builder]:
     """Make ``data.name: <name>`` build this: ``builder(cfg: DataConfig, num_classes: int, seed: int, **data.kwargs)
-    -> DatasetPair``, whose splits yield ``(image tensor, int label)``, or for segmentation ``(image tensor,
-    int64 mask (H, W))`` with 255 for pixels to ignore. Images are uint8 (3, H, W), normalised on the device as the
+    -> DatasetPair``, whose splits yield ``(image tensor, int label)``, for segmentation ``(image tensor,
+    int64 mask (H, W))`` with 255 for pixels to ignore, for detection ``(image tensor, {"boxes", "labels",
+    "image_id"})`` (``data/detection.py``). Images are uint8 (3, H, W), normalised on the device as the
     pair's ``preprocessing`` says, or float tensors used as they are (``preprocessing`` None)."""
 
     def wrap(fn: Builder) -> Builder:

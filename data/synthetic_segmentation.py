@@ -36,7 +36,7 @@ class SyntheticSegmentation(Dataset):
         return image, mask.long()
 
 
-def _shape_mask(shape: str, yy: torch.Tensor, xx: torch.Tensor, cy: float, cx: float, r: float) -> torch.Tensor:
+def shape_mask(shape: str, yy: torch.Tensor, xx: torch.Tensor, cy: float, cx: float, r: float) -> torch.Tensor:
     dy, dx = (yy - cy).abs(), (xx - cx).abs()
     if shape == "disc":
         return dy**2 + dx**2 <= r**2
@@ -58,7 +58,7 @@ def _make_split(
             cls = int(torch.randint(1, num_classes, (), generator=generator))
             cy, cx = (torch.rand(2, generator=generator) * size).tolist()
             r = size * (0.1 + 0.15 * torch.rand((), generator=generator).item())
-            inside = _shape_mask(SHAPES[(cls - 1) % len(SHAPES)], yy, xx, cy, cx, r)
+            inside = shape_mask(SHAPES[(cls - 1) % len(SHAPES)], yy, xx, cy, cx, r)
             images[i][:, inside] = colours[cls][:, None]
             masks[i][inside] = cls
     images += NOISE_STD * torch.randn(images.shape, generator=generator)

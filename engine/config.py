@@ -1,4 +1,5 @@
-"""The run's configuration: schema, YAML loading, ``section.key=value`` overrides, validation, dump.
+"""The run's configuration: schema, YAML loading, ``section.key=value`` overrides (typed by
+``engine/config_parsing.py``), validation, dump.
 
 Everything here runs before any process group exists, so a typo fails fast on
 every rank with no collective to hang in. The schema is plain dataclasses; the
@@ -8,26 +9,27 @@ type hints are the single source of truth for what a key accepts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
+from engine.config_parsing import apply_override, build_dataclass, suggest_file
 from engine.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
 
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
+DENSE_TASKS = ("segmentation", "detection")  # a statistic of one image is already many values (pixels, proposals)
 # what train.best_metric may name, per task (the task's first metric is its "auto")
 CLASSIFICATION_METRICS = ("val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema")
 SEGMENTATION_METRICS = ("val_miou", "val_pixel_acc", "val_miou_ema", "val_pixel_acc_ema")
-TASK_METRICS = {"classification": CLASSIFICATION_METRICS, "segmentation": SEGMENTATION_METRICS}
-BEST_METRICS = ("auto", *CLASSIFICATION_METRICS, *SEGMENTATION_METRICS)
+DETECTION_METRICS = ("val_map", "val_map50", "val_map75", "val_map_ema", "val_map50_ema", "val_map75_ema")
+TASK_METRICS = {"classification": CLASSIFICATION_METRICS, "segmentation": SEGMENTATION_METRICS,
+                "detection": DETECTION_METRICS}  # fmt: skip
+BEST_METRICS = ("auto", *CLASSIFICATION_METRICS, *SEGMENTATION_METRICS, *DETECTION_METRICS)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ModelConfig:
     num_classes: int = 10
     pretrained: bool = False  # torchvision weights; needs them cached locally (no download in this template)
     aux_loss_weight: float = 0.0  # segmentation: > 0 builds the auxiliary head and adds its weighted loss
+    unfreeze_bn: bool = False  # detection: the backbone's FrozenBatchNorm2d made trainable BatchNorm2d (for SyncBN)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
 
@@ -45,13 +48,14 @@ class DataConfig:
     root: str = "./data_cache"
     batch_size: int = 32  # per process
     global_batch_size: int = 0  # > 0: the batch of a step over all processes; decides batch_size per world size
-    val_batch_size: int = 0  # per process; 0 = same as batch_size
+    val_batch_size: int = 0  # per process; 0 = same as batch_size (detection: 1)
     num_workers: int | Literal["auto"] = "auto"  # auto: from the CPUs each process of this node gets
     image_size: int = 32  # segmentation: the training crop
     base_size: int = 0  # segmentation: short side before the random scale, and for evaluation; 0 = as stored
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # segmentation: random rescale factors
     augment: bool = True
     decoder: Literal["auto", "torchvision", "pil"] = "auto"  # image files: auto picks the fastest that reads them
+    aspect_ratio_group_factor: int = 3  # detection: each step's images from one of 2k+2 aspect-ratio bins (0 = off)
     drop_last: bool = True
     download: bool = False  # cifar only: opt in to downloading
     # synthetic/fake datasets only
@@ -109,6 +113,7 @@ class SyncBNConfig:
     buffer_policy: Literal["broadcast", "reduce"] = "broadcast"  # SyncBN off: make BN buffers consistent
     precise_bn_samples: int = 0  # > 0: PreciseBN over this many training samples before each evaluation
     norm_batch_size: int = 0  # > 0: samples per BatchNorm statistic; decides enabled, group_size, virtual_splits
+    check_calls: bool = False  # every SyncBN call first checks that all ranks are in the same layer (one line if not)
 
 
 @dataclass
@@ -144,104 +149,6 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-# --------------------------------------------------------------------------- parsing
-
-
-def _suggest(key: str, options: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    return f" (valid keys: {', '.join(prefix + o for o in sorted(options))})"
-
-
-def _suggest_file(path: str) -> str:
-    folder = os.path.dirname(path) or "."
-    try:
-        names = [n for n in os.listdir(folder) if n.endswith((".yaml", ".yml"))]
-    except OSError:
-        return ""
-    close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.6)
-    return f" (did you mean {os.path.join(os.path.dirname(path), close[0])}?)" if close else ""
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a type hint; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {hint})")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # PyYAML reads 1e-3 (no dot) as a string; it is obviously meant as a number
-            return float(value)
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{full}'" + _suggest(str(key), names, prefix))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value if value is not None else {}, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, hint, full)
-    return cls(**kwargs)
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"malformed override '{override}': expected section.key=value")
-    dotted, text = override.split("=", 1)
-    if not dotted or any(not part for part in dotted.split(".")):
-        raise ConfigError(f"malformed override '{override}': expected section.key=value")
-    try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed override '{override}': value is not valid YAML ({exc.problem})") from None
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"malformed override '{override}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> Config:
     """Read YAML (safe loader), apply overrides in order, type-check and validate; ``data.global_batch_size`` and
     ``syncbn.norm_batch_size`` are resolved for ``world_size`` processes (the launcher's, known before any process
@@ -249,7 +156,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}{_suggest_file(path)}")
+            raise ConfigError(f"config file not found: {path}{suggest_file(path)}")
         try:
             with open(path, encoding="utf-8") as f:
                 raw = yaml.safe_load(f)
@@ -264,29 +171,33 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
-        _apply_override(raw, override)
-    cfg = resolve_best_metric(config_from_dict(raw))
+        apply_override(raw, override)
+    cfg = resolve_task_defaults(config_from_dict(raw))
     batch_given = isinstance(raw.get("data"), dict) and "batch_size" in raw["data"]
     return resolve_norm_batch(resolve_global_batch(cfg, world_size, batch_given), world_size)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """A config from plain data (a checkpoint's ``config``, a parsed YAML file), type-checked and validated."""
-    cfg = _build(Config, raw, "")
+    cfg = build_dataclass(Config, raw, "")
     validate(cfg)
     return cfg
 
 
-def resolve_best_metric(cfg: Config) -> Config:
-    """``train.best_metric: auto`` -> the task's headline metric (val_acc1, val_miou); another task's metric is an
-    error naming the ones this task has."""
+def resolve_task_defaults(cfg: Config) -> Config:
+    """``train.best_metric: auto`` -> the task's headline metric (val_acc1, val_miou, val_map); another task's metric
+    is an error naming the ones this task has. Detection evaluates one image per batch unless told otherwise
+    (``data.val_batch_size`` 0): a batch pads its images to a common size, which changes the predictions near the
+    borders, so only single-image batches score the same at any world size (torchvision's reference does the same)."""
     metrics = TASK_METRICS[cfg.task]
-    if cfg.train.best_metric == "auto":
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, best_metric=metrics[0]))
-    if cfg.train.best_metric not in metrics:
+    if cfg.train.best_metric not in ("auto", *metrics):
         raise ConfigError(f"train.best_metric: {cfg.train.best_metric} is not a metric of task {cfg.task} "
                           f"(it has {', '.join(metrics)})")
-    return cfg
+    train = dataclasses.replace(cfg.train, best_metric=metrics[0]) if cfg.train.best_metric == "auto" else cfg.train
+    data = cfg.data
+    if cfg.task == "detection" and data.val_batch_size == 0:
+        data = dataclasses.replace(data, val_batch_size=1)
+    return dataclasses.replace(cfg, train=train, data=data)
 
 
 def resolve_global_batch(cfg: Config, world_size: int, batch_given: bool = False) -> Config:
@@ -327,7 +238,7 @@ def resolve_norm_batch(cfg: Config, world_size: int) -> Config:
     if n == 0:
         return cfg
     # a segmentation net normalises over pixels too: a statistic of one image is still many values
-    choices = norm_batch_choices(batch, world_size, smallest=1 if cfg.task == "segmentation" else 2)
+    choices = norm_batch_choices(batch, world_size, smallest=1 if cfg.task in DENSE_TASKS else 2)
     if n not in choices:
         below = [c for c in choices if c < n][-1:]
         above = [c for c in choices if c > n][:1]
@@ -388,13 +299,15 @@ def validate(cfg: Config) -> None:
          "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
         (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
          f"must divide data.batch_size ({cfg.data.batch_size})"),
-        # (a segmentation net normalises over pixels too: one image per statistic is a batch of H x W values)
-        (cfg.syncbn.enabled or cfg.task == "segmentation" or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
+        # (a dense net normalises over pixels too: one image per statistic is a batch of H x W values)
+        (cfg.syncbn.enabled or cfg.task in DENSE_TASKS or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
          "data.batch_size", "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
         (cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must be >= 0 (0 = no auxiliary head)"),
         (cfg.task == "segmentation" or cfg.model.aux_loss_weight == 0, "model.aux_loss_weight",
          "needs task: segmentation"),
         (cfg.data.base_size >= 0, "data.base_size", "must be >= 0 (0 = images as stored)"),
+        (cfg.data.aspect_ratio_group_factor >= 0, "data.aspect_ratio_group_factor", "must be >= 0 (0 = off)"),
+        (cfg.task == "detection" or not cfg.model.unfreeze_bn, "model.unfreeze_bn", "needs task: detection"),
         (len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
          "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),

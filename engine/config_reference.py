@@ -12,19 +12,22 @@ from engine.config import Config, config_to_dict
 # One line per key: what it means.
 HELP: dict[str, str] = {
     "output_dir": "everything the run writes (one run, one global batch per directory)",
-    "task": "classification or segmentation: decides targets, loss, metrics (README: Segmentation)",
+    "task": "classification, segmentation or detection: decides targets, loss, metrics (README: Segmentation, "
+            "Detection)",
     "model.name": "registry name: a local model, a torchvision model, timm/<name> or smp/<Architecture>",
     "model.num_classes": "number of outputs (must match the dataset)",
     "model.pretrained": "the library's weights, fetched once per node into its cache (README: Pretrained weights)",
     "model.kwargs": "extra keyword arguments for the model's builder",
     "model.aux_loss_weight": "segmentation: > 0 builds the model's auxiliary head and adds this weight x its loss",
+    "model.unfreeze_bn": "detection: the backbone's FrozenBatchNorm2d (torchvision's, with pretrained weights) made "
+                         "trainable BatchNorm2d, so SyncBN synchronises it",
     "data.name": "registry name: synthetic, cifar10, cifar100, imagefolder, fake; synthetic_segmentation, voc, "
-                 "segmentation_folder; or your own",
+                 "segmentation_folder; synthetic_detection, coco; or your own",
     "data.root": "where the dataset's files are",
     "data.batch_size": "samples per step **per process**",
     "data.global_batch_size": "samples per optimizer step over all processes; > 0 derives data.batch_size for each "
                               "world size (a run continues on another number of processes); 0 = off",
-    "data.val_batch_size": "evaluation batch per process; 0 = data.batch_size",
+    "data.val_batch_size": "evaluation batch per process; 0 = data.batch_size (detection: 1, exact at any world size)",
     "data.num_workers": "loader workers per process; auto: the CPUs each process of the node gets, minus one, at most 8",
     "data.image_size": "training and evaluation image side, in pixels; segmentation: the training crop",
     "data.base_size": "segmentation: short side before the random scale, and at evaluation; 0 = as stored",
@@ -32,6 +35,8 @@ HELP: dict[str, str] = {
     "data.augment": "training augmentation (seeded per seed, epoch and sample)",
     "data.decoder": "image files: torchvision (libjpeg-turbo, into tensors), pil, or auto (the fastest that reads the "
                     "file; PIL's reduced-size JPEG decode at evaluation where it covers the resize)",
+    "data.aspect_ratio_group_factor": "detection: each step's images from one of 2k+2 aspect-ratio bins, as "
+                                      "torchvision's reference (3); 0 = off",
     "data.drop_last": "drop the last incomplete training batch",
     "data.download": "cifar: let torchvision fetch the archive into data.root",
     "data.num_train": "synthetic and fake data: training samples",
@@ -68,7 +73,8 @@ HELP: dict[str, str] = {
     "train.ema_warmup": "EMA decay warmup: min(decay, (1 + u) / (10 + u)) after u updates",
     "train.ema_every": "optimizer steps between EMA updates",
     "train.ema_buffers": "the EMA's BatchNorm buffers: average (like the weights), copy (the model's), or precise",
-    "train.best_metric": "the metric that picks best.pt; auto: val_acc1 (classification), val_miou (segmentation)",
+    "train.best_metric": "the metric that picks best.pt; auto: val_acc1 (classification), val_miou (segmentation), "
+                         "val_map (detection)",
     "train.print_freq": "steps between console lines and per-step TensorBoard points",
     "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
     "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",
@@ -80,6 +86,8 @@ HELP: dict[str, str] = {
     "syncbn.buffer_policy": "with SyncBN off: running stats agree by broadcast from rank 0, or reduce (pooled)",
     "syncbn.precise_bn_samples": "PreciseBN before each evaluation: exact population stats over N training samples",
     "syncbn.norm_batch_size": "samples per BatchNorm statistic; sets enabled, group_size and virtual_splits; 0 = off",
+    "syncbn.check_calls": "each SyncBN call first checks that every rank is in the same layer (a model that skips "
+                          "layers by the data stops with one line instead of mixing statistics or waiting)",
     "dist.backend": "auto (nccl on GPUs, gloo on CPUs), nccl or gloo",
     "dist.timeout_s": "a collective waiting on a dead peer fails after this long",
     "dist.find_unused_parameters": "DDP's find_unused_parameters",

@@ -13,9 +13,11 @@ from torch import nn
 
 from engine.bn import (
     DEFAULT_SAMPLES,
+    Forward,
     RunningStatistics,
     SettlePolicy,
     UnsupportedBatchNorm,
+    check_layer_calls,
     convert_ghost_batchnorm,
     convert_sync_batchnorm,
 )
@@ -23,19 +25,24 @@ from engine.config import Config
 from engine.distributed import DistContext
 from engine.ema import ModelEma
 from engine.errors import ModelError
+from engine.tasks import Task
 from engine.trainer import amp_dtype
 
 
 def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
     """``model`` moved to the run's device (channels_last with ``train.channels_last``), every BatchNorm made
-    SyncBatchNorm over ``ctx.sync_group``, ghost BatchNorm, or left local, as ``syncbn.*`` resolved; a BatchNorm
-    class no converter knows is a one-line error naming it."""
+    SyncBatchNorm over ``ctx.sync_group`` (each call checked to be the same layer on every rank with
+    ``syncbn.check_calls``), ghost BatchNorm, or left local, as ``syncbn.*`` resolved; a BatchNorm class no
+    converter knows is a one-line error naming it."""
     model = model.to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
         if cfg.syncbn.enabled:
-            return convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
+            model = convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
+            if cfg.syncbn.check_calls:
+                check_layer_calls(model)
+            return model
         if cfg.syncbn.virtual_splits > 1:
             return convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
     except UnsupportedBatchNorm as exc:
@@ -52,12 +59,19 @@ def settle_policy(cfg: Config, world_size: int) -> SettlePolicy:
     )
 
 
+def precise_forward(task: Task) -> Forward:
+    """PreciseBN's pass over an (images, targets) batch: the task's training forward (its loss unused)."""
+    return lambda module, batch: task.training_loss(module, *batch)
+
+
 def running_statistics(cfg: Config, world_size: int, model: nn.Module, ema: ModelEma | None = None,
-                       precise_batches: Iterable[Any] | None = None,
-                       report: Callable[[str], None] | None = None) -> RunningStatistics:  # fmt: skip
+                       precise_batches: Iterable[Any] | None = None, report: Callable[[str], None] | None = None,
+                       task: Task | None = None) -> RunningStatistics:  # fmt: skip
     """When the run's BatchNorm statistics settle: the model's by PreciseBN over ``syncbn.precise_bn_samples``
-    (else made to agree across ranks), the EMA's by PreciseBN under ``train.ema_buffers: precise``."""
-    stats = RunningStatistics(settle_policy(cfg, world_size), precise_batches, report)
+    (else made to agree across ranks), the EMA's by PreciseBN under ``train.ema_buffers: precise``. PreciseBN's
+    passes run the ``task``'s training forward (a detector needs its targets), without the gradients."""
+    forward = precise_forward(task) if task is not None else None
+    stats = RunningStatistics(settle_policy(cfg, world_size), precise_batches, report, forward)
     stats.track(model, cfg.syncbn.precise_bn_samples)
     if ema is not None:
         precise = cfg.train.ema_buffers == "precise"

@@ -68,7 +68,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, even
         # DDP all-reduces gradients in the backward of the micro-batch that ends an accumulation window only
         with nullcontext() if ends_step or not isinstance(model, DDP) else model.no_sync():
             with autocast(loop.inputs.device, cfg.amp):
-                loss = loop.task.loss(model(images), targets)
+                loss = loop.task.training_loss(model, images, targets)
             loss = events.loss(loss, len(targets), ends_step, state)
             loop.scaler.scale(loss / accum).backward()
         if ends_step:

@@ -82,7 +82,8 @@ def _torchvision_files(cfg: ModelConfig, task: str) -> list[WeightFile]:
 
     builder = tvm.get_model_builder(cfg.name)
     hints = typing.get_type_hints(builder)
-    parameter = "weights_backbone" if task == "segmentation" else "weights"
+    # segmentation and detection heads are new (sized by num_classes): only the backbone's weights are fetched
+    parameter = "weights_backbone" if task in ("segmentation", "detection") else "weights"
     value = cfg.kwargs.get(parameter, "DEFAULT")
     if value is None:
         return []

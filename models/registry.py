@@ -1,5 +1,5 @@
 """The model registry: local builders first, then ``timm/<name>`` and ``smp/<Architecture>``, then torchvision's
-classification and segmentation models by name."""
+classification, segmentation and detection models by name."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.errors import ModelError
+from models.detection import build_torchvision_detector
 from models.libraries import build_smp, build_timm
 from models.pretrained import from_the_cache
 
@@ -25,7 +26,8 @@ MODEL_TASKS: dict[str, str] = {}  # local model name -> the task its output is f
 def register_model(name: str, task: str = "classification") -> Callable[[Builder], Builder]:
     """Make ``model.name: <name>`` build this; the builder gets ``num_classes`` and ``model.kwargs``. A
     classification model returns logits (N, classes); a segmentation model logits (N, classes, H, W) at the input's
-    size (or a lower one: the loss upsamples), or torchvision's ``{"out": ..., "aux": ...}``."""
+    size (or a lower one: the loss upsamples), or torchvision's ``{"out": ..., "aux": ...}``; a detection model is
+    called as torchvision's detectors are (``models/detection.py``)."""
 
     def wrap(fn: Builder) -> Builder:
         MODELS[name] = fn
@@ -38,13 +40,13 @@ def register_model(name: str, task: str = "classification") -> Callable[[Builder
 def _torchvision_models(task: str) -> list[str]:
     from torchvision import models as tvm
 
-    return tvm.list_models(module=tvm.segmentation if task == "segmentation" else tvm)
+    return tvm.list_models(module={"segmentation": tvm.segmentation, "detection": tvm.detection}.get(task, tvm))
 
 
 def _task_of(name: str) -> str | None:
     if name in MODELS:
         return MODEL_TASKS[name]
-    for task in ("classification", "segmentation"):
+    for task in ("classification", "segmentation", "detection"):
         if name in _torchvision_models(task):
             return task
     return None
@@ -79,6 +81,8 @@ def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
 
     builder = tvm.get_model_builder(cfg.name)
     with from_the_cache(cfg, task):
+        if task == "detection":
+            return build_torchvision_detector(builder, cfg)
         if task == "segmentation":
             # pretrained: the backbone's ImageNet weights (the head is new, sized by num_classes); otherwise none, and
             # no download (torchvision's deeplabv3 builders fetch the backbone's by default)

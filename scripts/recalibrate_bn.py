@@ -32,7 +32,7 @@ from engine.distributed import cleanup, init_distributed, launch_world_size  # n
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
 from engine.logging import exit_code, format_metrics, setup_logger  # noqa: E402
-from engine.model_setup import prepare_model, settle_policy  # noqa: E402
+from engine.model_setup import precise_forward, prepare_model, settle_policy  # noqa: E402
 from engine.tasks import build_task  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -53,7 +53,6 @@ def recalibrate(argv: list[str] | None = None) -> str:
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)
     log = setup_logger(ctx.rank)
     checkpoint = load_checkpoint(args.checkpoint)
-    task = build_task(cfg)
     model = build_model(cfg.model, cfg.task)
     weights = strip_prefixes(checkpoint["model"])
     check_model_compatible(weights, model, args.checkpoint)
@@ -61,6 +60,7 @@ def recalibrate(argv: list[str] | None = None) -> str:
     model = prepare_model(model, cfg, ctx)  # the run's device, memory format and BatchNorm
 
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    task = build_task(cfg, datasets.ground_truth)
     pin = ctx.device.type == "cuda"
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)
@@ -70,7 +70,7 @@ def recalibrate(argv: list[str] | None = None) -> str:
     as_trained.track(model)
     as_trained.before_evaluation(step=0)
     before = evaluate(model, val_loader, task, inputs, cfg.train)
-    precise = RunningStatistics(policy, batches, report=log.info)
+    precise = RunningStatistics(policy, batches, log.info, precise_forward(task))
     precise.track(model, cfg.syncbn.precise_bn_samples or DEFAULT_SAMPLES)
     precise.before_evaluation(step=0)
     after = evaluate(model, val_loader, task, inputs, cfg.train)

@@ -87,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference: dict, tmp_pat
     args = tiny_overrides(on_one_process, data__batch_size=32, train__checkpoint_every_steps=3)
     rc, out, err = run_train_preloaded(args)
     assert rc == 0, err[-3000:]
-    assert "resuming a world-size-2 run on 1 processes" in out
+    assert "resumed a 2-process run on 1 process:" in out
     assert load_last(on_one_process)["train_state"]["step"] == STEPS  # continued at the same sample, not at the epoch start
 
 

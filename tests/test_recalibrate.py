@@ -29,7 +29,7 @@ def _reference(run_dir, checkpoint) -> dict[str, tuple[torch.Tensor, torch.Tenso
     model.load_state_dict(checkpoint["model"])
     train = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed).train
     prepare = InputPrep(torch.device("cpu"))  # generated float images: taken as they are
-    batches = [images for images, _ in build_precise_batches(train, cfg, 0, 1, pin_memory=False, prepare=prepare)]
+    batches = [images for images, _ in build_precise_batches(train, cfg, 0, 1, pin_memory=False, inputs=prepare)]
     return population_statistics(model, batches[: SAMPLES // 32])
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data import build_datasets
-from data.loaders import build_val_loader, pad_collate
+from data.loaders import build_val_loader, collate
 from data.transforms import SegmentationTransform
 from engine.config import load_config
 from engine.evaluation import evaluate
@@ -280,7 +280,7 @@ def test_joint_transform_moves_image_and_mask_together() -> None:
 def test_padded_collation_ignores_the_padding() -> None:
     small = (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.int64))
     large = (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.int64))
-    images, masks = pad_collate([small, large])
+    images, masks = collate([small, large])
     assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
     assert (masks[0, 4:] == IGNORE_INDEX).all() and (masks[1, :, 3:] == IGNORE_INDEX).all()
     assert (images[0, :, 4:] == 0).all() and (masks != IGNORE_INDEX).sum() == 4 * 5 + 6 * 3

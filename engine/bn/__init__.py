@@ -11,12 +11,14 @@ One concern per file; the public names are all importable from here (``from engi
 - ``buffers``: :func:`sync_bn_buffers`, running statistics that agree across ranks trained without SyncBN;
 - ``precise``: :func:`recompute_bn_stats` (PreciseBN), exact population statistics at any world size;
 - ``settle``: :class:`RunningStatistics`, the one place that decides *when* statistics are settled (before an
-  evaluation, before a save; for the model, its EMA and the scripts).
+  evaluation, before a save; for the model, its EMA and the scripts);
+- ``calls``: :func:`check_layer_calls`, every rank in the same SyncBN layer before each collective (opt-in).
 
 The package imports only torch, so it can be copied into another project as is.
 """
 
 from engine.bn.buffers import sync_bn_buffers
+from engine.bn.calls import LayerCallsDiffer, check_layer_calls
 from engine.bn.convert import (
     PLAIN,
     THEN_DROP_ACT,
@@ -40,11 +42,12 @@ from engine.bn.layers import (
     TorchSyncBatchNormAct,
     check_values_per_channel,
 )
-from engine.bn.precise import DEFAULT_SAMPLES, recompute_bn_stats
+from engine.bn.precise import DEFAULT_SAMPLES, Forward, recompute_bn_stats
 from engine.bn.settle import RunningStatistics, SettlePolicy
 
 __all__ = [
     "DEFAULT_SAMPLES",
+    "Forward",
     "PLAIN",
     "THEN_DROP_ACT",
     "AnyDimBatchNorm",
@@ -52,6 +55,7 @@ __all__ = [
     "BatchNormFamily",
     "GhostBatchNorm",
     "GhostBatchNormAct",
+    "LayerCallsDiffer",
     "RunningStatistics",
     "SettlePolicy",
     "SyncBatchNorm",
@@ -59,6 +63,7 @@ __all__ = [
     "TorchSyncBatchNormAct",
     "UnsupportedBatchNorm",
     "batchnorm_layers",
+    "check_layer_calls",
     "check_values_per_channel",
     "choose_collective",
     "convert_ghost_batchnorm",

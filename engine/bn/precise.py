@@ -7,7 +7,7 @@ them with the weights frozen makes evaluation reflect the model as it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,12 +41,30 @@ def _merge(a: tuple[float, Tensor, Tensor], b: tuple[float, Tensor, Tensor]) -> 
     return n, ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n)
 
 
+Forward = Callable[[nn.Module, Any], Any]  # one training-mode pass of a model over a batch
+
+
+def _inputs(batch: Any) -> Any:
+    """A batch's input: the batch itself, or the first item of a tuple or list (the loaders' (input, target))."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _empty_like(batch: Any) -> Any:
+    """A batch of no samples shaped like ``batch`` (tensor inputs only)."""
+    inputs = _inputs(batch)
+    if not isinstance(inputs, Tensor):
+        raise ValueError("recompute_bn_stats: the ranks' batches ran out at different times, and a batch of lists "
+                         "(detection) has no empty form; give every rank the same number of batches")
+    return (inputs[:0], *batch[1:]) if isinstance(batch, (tuple, list)) else inputs[:0]
+
+
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_samples: int) -> int:
+def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_samples: int, forward: Forward | None = None) -> int:
     """PreciseBN: set every BatchNorm's running stats to the population statistics of the values it sees.
 
     With the weights frozen (no grad, no optimizer), runs training-mode forward passes over ``batches`` (input
-    tensors, or tuples whose first item is the input; every rank passes its own shard) until ``num_samples``
+    tensors, or tuples whose first item is the input; every rank passes its own shard; ``forward(model, batch)``
+    runs a pass where the model needs more than its input, as a detector needs its targets) until ``num_samples``
     samples have been seen over all ranks, and sets each BatchNorm's ``running_mean`` to the mean and
     ``running_var`` to the unbiased variance of every value that layer saw (every position of every sample),
     merged with Chan's formula in fp64, identical on every rank. Returns the global number of samples used.
@@ -71,14 +89,16 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_samples: in
     device = layers[0].running_mean.device
     synchronised = any(isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)) for m in layers)
     sync = active_group(None)
+    if forward is None:
+        def forward(module: nn.Module, batch: Any) -> Any:
+            return module(_inputs(batch).to(device, non_blocking=True))
     model.train()
     total, template, iterator = 0, None, iter(batches)
     try:
         while total < num_samples:
             batch = next(iterator, None)
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            template = x if x is not None else template
-            mine = 0 if x is None else len(x)
+            template = batch if batch is not None else template
+            mine = 0 if batch is None else len(_inputs(batch))
             # one small all-reduce per pass: the global sample count, and whether some rank has no batch at all
             agreed = torch.tensor([mine, template is None], dtype=torch.float64, device=device)
             if sync is not None:
@@ -89,10 +109,10 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_samples: in
             if shapeless:
                 raise ValueError("recompute_bn_stats: every rank needs at least one batch (an input shape)")
             total += samples
-            if x is None and synchronised:  # keep SyncBN's collectives matched with an empty batch
-                x = template[:0]
-            if x is not None:
-                model(x.to(device, non_blocking=True))
+            if batch is None and synchronised:  # keep SyncBN's collectives matched with an empty batch
+                batch = _empty_like(template)
+            if batch is not None:
+                forward(model, batch)
     finally:
         for hook in hooks:
             hook.remove()

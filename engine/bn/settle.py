@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.bn.buffers import sync_bn_buffers
 from engine.bn.convert import batchnorm_layers
-from engine.bn.precise import recompute_bn_stats
+from engine.bn.precise import Forward, recompute_bn_stats
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,13 @@ class RunningStatistics:
     """Settles the running statistics of the modules it tracks, before evaluations and before checkpoints.
 
     ``precise_batches``: an iterable that yields the same training batches each time it is iterated (a resumed
-    run must recompute what the uninterrupted one did). ``report``: where a line on each PreciseBN goes.
+    run must recompute what the uninterrupted one did); ``forward``: how PreciseBN runs a module on one of them
+    (None: on its input alone). ``report``: where a line on each PreciseBN goes.
     """
 
     def __init__(self, policy: SettlePolicy, precise_batches: Iterable[Any] | None = None,
-                 report: Callable[[str], None] | None = None) -> None:  # fmt: skip
-        self.policy, self.precise_batches, self.report = policy, precise_batches, report
+                 report: Callable[[str], None] | None = None, forward: Forward | None = None) -> None:  # fmt: skip
+        self.policy, self.precise_batches, self.report, self.forward = policy, precise_batches, report, forward
         self.tracked: list[_Tracked] = []
 
     def track(self, module: nn.Module, precise_samples: int = 0) -> None:
@@ -86,7 +87,7 @@ class RunningStatistics:
         start, dtype = time.perf_counter(), self.policy.amp_dtype
         device_type = layers[0].running_mean.device.type
         with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            used = recompute_bn_stats(module, self.precise_batches, samples)
+            used = recompute_bn_stats(module, self.precise_batches, samples, self.forward)
         if self.report is not None:
             self.report(f"PreciseBN: running stats of {len(layers)} BatchNorm layers from {used} training samples "
                         f"in {time.perf_counter() - start:.1f}s")

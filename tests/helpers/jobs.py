@@ -136,18 +136,18 @@ def run_train(
     return wait_job(proc, timeout)
 
 
-def killed_and_resumed(tmp: Path, **overrides: object) -> tuple[dict, dict, str]:
+def killed_and_resumed(tmp: Path, config: str | None = None, **overrides: object) -> tuple[dict, dict, str]:
     """``last.pt`` of an uninterrupted one-process run (``tmp/reference``) and of the same run SIGKILLed before step
-    20 (epoch 2, after the step-18 checkpoint) then relaunched (``tmp/run``), and the reference's stdout;
-    ``overrides`` as for :func:`tiny_overrides`."""
+    20 (after the step-18 checkpoint) then relaunched (``tmp/run``), and the reference's stdout; ``config`` (default
+    ``configs/default.yaml``) with ``overrides`` as for :func:`tiny_overrides`."""
     base = dict(train__checkpoint_every_steps=3, data__augment=True, **overrides)
-    rc, reference_out, err = run_train_preloaded(tiny_overrides(tmp / "reference", **base))
+    rc, reference_out, err = run_train_preloaded(tiny_overrides(tmp / "reference", **base), config=config)
     assert rc == 0, err[-3000:]
     killed = tiny_overrides(tmp / "run", debug__fault_kind="sigkill", debug__fault_step=20, debug__fault_once=True,
                             **base)
-    rc, _, err = run_train_preloaded(killed)
+    rc, _, err = run_train_preloaded(killed, config=config)
     assert rc != 0, "the fault did not fire"
-    rc, out, err = run_train_preloaded(killed)  # the same command again
+    rc, out, err = run_train_preloaded(killed, config=config)  # the same command again
     assert rc == 0 and "resumed from" in out, err[-3000:]
     reference, resumed = (torch_load(tmp / name / "checkpoints" / "last.pt") for name in ("reference", "run"))
     return reference, resumed, reference_out
