@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,7 +52,8 @@ class DetectionSamples(Dataset):
     """Images (held, or loaded by ``load(index)``) with their targets; ``augment``: a random horizontal flip.
     ``image_sizes()`` gives every image's (height, width) without decoding, for aspect-ratio grouping."""
 
-    def __init__(self, load: Any, targets: list[Target], sizes: list[tuple[int, int]], augment: bool) -> None:
+    def __init__(self, load: Callable[[int], torch.Tensor], targets: list[Target], sizes: list[tuple[int, int]],
+                 augment: bool) -> None:  # fmt: skip
         self.load, self.targets, self.sizes, self.augment = load, targets, sizes, augment
 
     def __len__(self) -> int:
@@ -185,10 +187,10 @@ def _check_annotation(annotation: dict[str, Any], image: dict[str, Any], num_cla
                         f"{width}x{height} image")
 
 
-def _coco_split(root: str, split: str, num_classes: int, train: bool, decoder: str) -> tuple[DetectionSamples, dict]:
-    path = os.path.join(root, "annotations", f"instances_{split}.json")
+def _coco_split(cfg: DataConfig, split: str, num_classes: int, train: bool) -> tuple[DetectionSamples, dict]:
+    path = os.path.join(cfg.root, "annotations", f"instances_{split}.json")
     instances = _load_instances(path)
-    folder = os.path.join(root, split)
+    folder = os.path.join(cfg.root, split)
     if not os.path.isdir(folder):
         raise DataError(f"data.root: image folder {folder} not found (beside {path})")
     present = set(os.listdir(folder))
@@ -222,7 +224,7 @@ def _coco_split(root: str, split: str, num_classes: int, train: bool, decoder: s
     if not kept:
         raise DataError(f"{path}: no image with a box to {'train on' if train else 'evaluate'}")
     sizes = [(image["height"], image["width"]) for image in kept]
-    samples = DetectionSamples(CocoFiles(folder, kept, decoder), targets, sizes, augment=train)
+    samples = DetectionSamples(CocoFiles(folder, kept, cfg.decoder), targets, sizes, augment=train and cfg.augment)
     return samples, instances
 
 
@@ -233,10 +235,8 @@ def build_coco(cfg: DataConfig, num_classes: int, seed: int, train_split: str = 
     Labels are the category ids, so ``model.num_classes`` is the largest id + 1 (COCO: 91)."""
     if not os.path.isdir(cfg.root):
         raise DataError(f"data.root: folder not found: {cfg.root}")
-    train, _ = _coco_split(cfg.root, train_split, num_classes, True, cfg.decoder)
-    val, instances = _coco_split(cfg.root, val_split, num_classes, False, cfg.decoder)
-    if not cfg.augment:
-        train.augment = False
+    train, _ = _coco_split(cfg, train_split, num_classes, train=True)
+    val, instances = _coco_split(cfg, val_split, num_classes, train=False)
     names = {category["id"]: category["name"] for category in instances["categories"]}
     class_names = ["__background__"] + [names.get(k, "N/A") for k in range(1, num_classes)]
     return DatasetPair(train, val, num_classes, class_names=class_names, preprocessing=DETECTION_PREPROCESSING,

@@ -22,10 +22,11 @@ from engine.watchdog import enter, progress
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, task: Task, inputs: InputPrep, cfg: TrainConfig) -> dict[str, Any]:
     """The task's scores over the whole validation set (classification: loss, top-1, top-5; segmentation: loss,
-    mIoU, pixel accuracy, per-class IoU), from sums and counts reduced across ranks.
+    mIoU, pixel accuracy, per-class IoU; detection: COCO mAP), from sums and counts reduced across ranks or, for
+    detection, every rank's predictions gathered and scored once.
 
     ``model`` must be the unwrapped module: ranks may hold different numbers of batches,
-    so nothing inside the loop may communicate; the only collective is the scorer's final sum.
+    so nothing inside the loop may communicate; the only collectives are the scorer's, at the end.
     """
     model.eval()
     enter("evaluating", in_collective=False)

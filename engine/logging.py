@@ -71,7 +71,7 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
         f"== DDP + SyncBN template | world size {ctx.world_size} ({ctx.launcher}) | {per_node}"
         f"backend {ctx.backend or 'none'} | device {ctx.device}\n"
         f"   {cfg.task} | model {cfg.model.name} ({cfg.model.num_classes} classes, "
-        f"{'pretrained' if cfg.model.pretrained else 'from scratch'}) | data {cfg.data.name}, {_image_size(cfg)} | "
+        f"{'pretrained' if cfg.model.pretrained else 'from scratch'}) | data {cfg.data.name}, {_image_size(cfg, model)} | "
         f"batch {cfg.data.batch_size}/process x {ctx.world_size} x accum {cfg.train.accumulate_steps} = "
         f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
         f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
@@ -79,8 +79,13 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
     )
 
 
-def _image_size(cfg: Config) -> str:
-    """The images the model sees: classification's side, segmentation's training crop (and its evaluation size)."""
+def _image_size(cfg: Config, model: torch.nn.Module) -> str:
+    """The images the model sees: classification's side, segmentation's training crop (and its evaluation size), the
+    short side a detector resizes to (torchvision's ``transform``: several in training is scale jitter)."""
+    resize = getattr(model, "transform", None)
+    if cfg.task == "detection" and hasattr(resize, "min_size"):
+        sides = "/".join(map(str, resize.min_size))
+        return f"short side {sides} px (max {resize.max_size}), resized by the model"
     if cfg.task == "segmentation":
         evaluation = f"short side {cfg.data.base_size}" if cfg.data.base_size else "as stored"
         return f"{cfg.data.image_size} px crops, evaluated {evaluation}"
@@ -90,6 +95,9 @@ def _image_size(cfg: Config) -> str:
 def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
     kinds = Counter(f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if isinstance(m, _BatchNorm))
     layers = ", ".join(f"{n} x {kind}" for kind, n in kinds.items()) or "no BatchNorm layers"
+    frozen = sum(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules())  # torchvision's, not _BatchNorm
+    if frozen:
+        layers += f"; {frozen} x FrozenBatchNorm2d, fixed statistics (model.unfreeze_bn makes them BatchNorm)"
     if cfg.syncbn.enabled:
         scope = f"groups of {cfg.syncbn.group_size} ranks" if cfg.syncbn.group_size else f"all {ctx.world_size} ranks"
         what = f"synchronised over {scope}" if ctx.world_size > 1 else "SyncBN on, world size 1: nothing to synchronise"

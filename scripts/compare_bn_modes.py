@@ -4,11 +4,12 @@ the final validation score and of how far each mode's BatchNorm running statisti
 statistics, and a plot of the validation score per epoch.
 
     python scripts/compare_bn_modes.py                                  # configs/segmentation.yaml on 4 processes
+    python scripts/compare_bn_modes.py --config configs/detection.yaml --modes local,ghost,sync --out runs/bn_det
     python scripts/compare_bn_modes.py --config configs/voc_deeplabv3_resnet50.yaml --nproc 8 --out runs/bn_voc
 
 Modes (b = data.batch_size per process, N = --nproc), each set by the one knob syncbn.norm_batch_size:
   local          BatchNorm per process: statistics of b samples (norm_batch_size=b)
-  ghost          ghost BatchNorm: statistics of 1 sample (norm_batch_size=1; segmentation, b >= 2 only)
+  ghost          ghost BatchNorm: statistics of 1 sample (norm_batch_size=1; segmentation and detection, b >= 2 only)
   sync           SyncBatchNorm over all N processes: statistics of N x b samples (norm_batch_size=N x b)
   local+precise  local, then PreciseBN before each evaluation (syncbn.precise_bn_samples)
   sync+precise   sync, then PreciseBN before each evaluation
@@ -43,7 +44,10 @@ from data.loaders import build_val_loader  # noqa: E402
 from engine.bn import batchnorm_layers, recompute_bn_stats  # noqa: E402
 from engine.checkpoint import load_checkpoint, strip_prefixes  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
+from engine.inputs import InputPrep  # noqa: E402
 from engine.launch import child_env  # noqa: E402
+from engine.model_setup import precise_forward  # noqa: E402
+from engine.tasks import build_task  # noqa: E402
 from models import build_model  # noqa: E402
 
 MODES = ("local", "ghost", "sync", "local+precise", "sync+precise")
@@ -100,13 +104,15 @@ def distance_to_population(cfg: Config, run: Path, population_batch: int) -> tup
     weights = strip_prefixes(load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"])
     model.load_state_dict(weights)
     trained = [(m.running_mean.clone(), m.running_var.clone()) for m in bn_layers(model)]
-    train_split = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed).train
-    # the training split with its training transforms, in order, each sample once
-    loader = build_val_loader(train_split, _with_batch(cfg, population_batch).data, rank=0, world_size=1,
+    pair = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
+    # the training split with its training transforms, in order, each sample once, as the model takes it
+    loader = build_val_loader(pair.train, _with_batch(cfg, population_batch).data, rank=0, world_size=1,
                               pin_memory=False)
+    inputs = InputPrep(torch.device("cpu"), *pair.mean_std)
+    batches = ((inputs(images), inputs.targets(targets)) for images, targets in loader)
     torch.manual_seed(cfg.train.seed)  # the training transforms' crops and flips
-    with torch.no_grad():
-        recompute_bn_stats(model, loader, len(train_split))
+    with torch.no_grad():  # through the task's training forward: a detector's heads see its sampled proposals
+        recompute_bn_stats(model, batches, len(pair.train), precise_forward(build_task(cfg, pair.ground_truth)))
     mean_errors, var_errors = [], []
     for layer, (mean, var) in zip(bn_layers(model), trained):
         std = (layer.running_var + layer.eps).sqrt()

@@ -92,6 +92,10 @@ def export(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--ema", action="store_true", help="the EMA's weights (a run with train.ema_decay)")
     args = parser.parse_args(argv)
     trained = load_trained_model(args.checkpoint, ema=args.ema)
+    if trained.cfg.task == "detection":  # torchvision's box decoding and NMS keep data-dependent sizes
+        raise UserError(f"{args.checkpoint}: a detection model does not export with torch.export (its non-maximum "
+                        "suppression yields data-dependent shapes); use scripts/predict.py, or the checkpoint's "
+                        "weights with torchvision")
     example = example_input(trained)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     written = [f"{args.out}.pt2", f"{args.out}.json"]

@@ -1,14 +1,19 @@
-"""Predict with a trained checkpoint: images or folders in, the top classes with their probabilities out (or, for a
-segmentation run, a mask PNG per image), with exactly the preprocessing the run evaluated with.
+"""Predict with a trained checkpoint: images or folders in, the top classes with their probabilities out (for a
+segmentation run a mask PNG per image, for a detection run the boxes found), with exactly the preprocessing the run
+evaluated with.
 
     python scripts/predict.py --checkpoint runs/x/checkpoints/best.pt photo.jpg more_photos/
     python scripts/predict.py --checkpoint runs/seg/checkpoints/best.pt images/ --out masks/
+    python scripts/predict.py --checkpoint runs/detection/checkpoints/best.pt images/ --min-score 0.5 --out boxes.jsonl
     python scripts/predict.py --checkpoint ... --top-k 3 --batch-size 64 --device cuda --ema --out predictions.jsonl
 
 Classification prints one line per image (``path: class 97.1%, class 1.4%, ...``) and, with ``--out FILE``, writes
 a JSON object per line (path, top classes, probabilities). Segmentation writes ``<out>/<image name>.png``: the class
-index per pixel at the image's own size (a palette PNG with VOC's colours: class 0 black). Images are decoded,
-resized and cropped as the run's evaluation did (the checkpoint keeps that as data), then normalised on the device.
+index per pixel at the image's own size (a palette PNG with VOC's colours: class 0 black). Detection prints one line
+per image (``path: class 98.2% [x1, y1, x2, y2], ...``, in the image's pixels, scores of at least ``--min-score``)
+and, with ``--out FILE``, writes them as a JSON object per line. Images are decoded, resized and cropped as the
+run's evaluation did (the checkpoint keeps that as data; a detector resizes them itself), then normalised on the
+device.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     parser.add_argument("--ema", action="store_true", help="the EMA's weights (a run with train.ema_decay)")
-    parser.add_argument("--out", help="classification: a .jsonl file; segmentation: the folder for the masks")
+    parser.add_argument("--min-score", type=float, default=0.5, help="detection: the boxes kept")
+    parser.add_argument("--out", help="classification and detection: a .jsonl file; segmentation: the folder for the masks")
     return parser.parse_args(argv)
 
 
@@ -107,6 +113,28 @@ def segment(paths: list[str], trained: TrainedModel, out: str, device: torch.dev
     return written
 
 
+@torch.no_grad()
+def detect(paths: list[str], trained: TrainedModel, min_score: float, device: torch.device) -> list[dict]:
+    """One image at a time, as evaluation scores them; boxes in the image's own pixels."""
+    model = trained.model.to(device)
+    inputs = InputPrep(device, trained.preprocessing.mean, trained.preprocessing.std)
+    results = []
+    for path in paths:
+        found = model(inputs([decode_image(path, trained.cfg.data.decoder)]))[0]
+        keep = found["scores"] >= min_score
+        labels = found["labels"][keep].tolist()
+        results.append({"path": path, "boxes": [[round(v, 1) for v in box] for box in found["boxes"][keep].tolist()],
+                        "classes": [trained.class_names[i] for i in labels], "labels": labels,
+                        "scores": found["scores"][keep].tolist()})  # fmt: skip
+    return results
+
+
+def _write_jsonl(results: list[dict], path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+
+
 def predict(argv: list[str] | None = None) -> list:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -117,12 +145,17 @@ def predict(argv: list[str] | None = None) -> list:
         written = segment(paths, trained, args.out or "predictions", device)
         print(f"wrote {len(written)} masks to {args.out or 'predictions'}/")
         return written
+    if trained.cfg.task == "detection":
+        results = detect(paths, trained, args.min_score, device)
+        for r in results:
+            print(f"{r['path']}: " + (", ".join(f"{c} {100 * p:.1f}% {box}" for c, p, box in
+                                                zip(r["classes"], r["scores"], r["boxes"])) or "nothing found"))  # fmt: skip
+        _write_jsonl(results, args.out)
+        return results
     results = classify(paths, trained, args, device)
     for r in results:
         print(f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(r["classes"], r["probabilities"])))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
+    _write_jsonl(results, args.out)
     return results
 
 

@@ -117,6 +117,35 @@ def test_val_map_is_exact_at_world_sizes_1_2_3(learned: Path) -> None:
             assert got == reference, world_size
 
 
+def test_predict_finds_what_evaluation_finds_and_export_says_why_not(learned: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from scripts import export, predict
+
+    cfg, model, pair = _model_and_val(str(learned))
+    prep = InputPrep(torch.device("cpu"), *pair.mean_std)
+    want = []
+    for i in range(3):
+        image, _ = pair.val[i]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")  # lossless: the same pixels
+        with torch.no_grad():
+            found = model(prep([image]))[0]
+        keep = found["scores"] >= 0.5
+        want.append((found["boxes"][keep], found["labels"][keep].tolist()))
+    results = predict.predict(["--checkpoint", str(learned / "checkpoints" / "last.pt"), str(tmp_path),
+                               "--out", str(tmp_path / "boxes.jsonl")])  # fmt: skip
+    assert [Path(r["path"]).name for r in results] == ["0.png", "1.png", "2.png"]
+    for result, (boxes, labels) in zip(results, want):
+        assert result["labels"] == labels and len(labels) > 0
+        assert torch.allclose(torch.tensor(result["boxes"]).view(-1, 4), boxes, atol=0.05)
+        assert result["classes"] == [pair.class_names[k] for k in labels]
+    assert len((tmp_path / "boxes.jsonl").read_text().splitlines()) == 3
+    out = capsys.readouterr().out
+    assert f"{results[0]['classes'][0]} " in out and "%" in out
+    assert export.main(["--checkpoint", str(learned / "checkpoints" / "last.pt"), "--out", str(tmp_path / "m")]) == 1
+    assert "does not export with torch.export" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- data and models
 
 
