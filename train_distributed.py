@@ -12,6 +12,7 @@ config -> distributed -> model (BatchNorm -> SyncBatchNorm -> DDP) -> data -> tr
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from typing import NoReturn
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """``main`` with the exit codes a scheduler understands and one-line errors instead of tracebacks."""
+    faulthandler.enable(all_threads=True)  # a native abort (a collective library, a kernel) shows each thread's stack
     try:
         return main(argv)
     except UserError as exc:

@@ -72,6 +72,7 @@ def minimal_worker(args: argparse.Namespace) -> None:
     from data import build_datasets
     from engine.bn import convert_sync_batchnorm
     from engine.config import DataConfig, ModelConfig
+    from engine.distributed import cleanup
     from models import build_model
 
     dist.init_process_group("gloo")
@@ -107,7 +108,7 @@ def minimal_worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print("MINIMAL_RESULT " + json.dumps({"epoch_times": epoch_times, "steps": steps,
                                               "global_batch": args.batch * world}), flush=True)
-    dist.destroy_process_group()
+    cleanup()
 
 
 # --------------------------------------------------------------------------------------------- launching

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
+from engine.distributed import cleanup  # noqa: E402
 from models import build_model  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def main() -> int:
         synced = [args.batch / med(times[cfg]) for cfg in configs if cfg[0] != "bn" and times.get(cfg)]
         if synced:  # for benchmarks/gpu_check.sh: the rate the input pipeline must feed, with SyncBN
             print(f"FASTEST_SYNCBN_IMAGES_PER_S {max(synced):.0f}")
-    dist.destroy_process_group()
+    cleanup()
     return 0
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import init_from_torchrun, machine_banner, print_table, run_ranks, under_torchrun, verdict  # noqa: E402
 
 from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
+from engine.distributed import cleanup  # noqa: E402
 from models import build_model  # noqa: E402
 
 GOAL = 1.05
@@ -165,7 +165,7 @@ def main() -> int:
         rank, world, device = init_from_torchrun("nccl" if args.gpu else "auto")
         rows = measure_rank(rank, world, CASES + [("resnet50", 224, 32)], device)
         ok = _report(rows, ["bn", "ours", "torch"] if device.type == "cuda" else ["bn", "ours"]) if rank == 0 else True
-        dist.destroy_process_group()
+        cleanup()
         return 0 if ok else 1
     rows = run_ranks(measure_rank, 2, CASES)[0]
     return 0 if _report(rows, ["bn", "ours"]) else 1

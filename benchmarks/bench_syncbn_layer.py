@@ -47,6 +47,7 @@ from common import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.bn import convert_sync_batchnorm  # noqa: E402
+from engine.distributed import cleanup  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of the naive layer's collectives
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -250,7 +251,7 @@ def main() -> int:
         per_rank: list = [None] * world
         dist.all_gather_object(per_rank, mine)
         ok = _report(per_rank, args) if rank == 0 else True
-        dist.destroy_process_group()
+        cleanup()
         return 0 if ok else 1
     per_rank = run_ranks(bench_rank, args.world_size, shapes, args.repeats, opts)
     return 0 if _report(per_rank, args) else 1

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.distributed import init_process_group
+from engine.distributed import cleanup, init_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # a job started from inside another job (a test under torchrun or SLURM) must not inherit its place in that job
@@ -50,8 +49,7 @@ def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Cal
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup()
 
 
 def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:

@@ -44,7 +44,9 @@ class StepWatchdog:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop and join the thread: no daemon thread is left to wake during interpreter teardown."""
         self._stopped.set()
+        self._thread.join()
 
     def _watch(self) -> None:
         while not self._stopped.wait(self.poll_s):

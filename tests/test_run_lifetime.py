@@ -31,6 +31,7 @@ from tests.helpers.jobs import (
     wait_for_file,
     wait_job,
     worker_pids,
+    worker_rank,
 )
 
 pytestmark = pytest.mark.slow
@@ -142,3 +143,19 @@ def test_a_rank_stuck_in_a_step_ends_the_job_naming_itself(tmp_path: Path) -> No
     assert stuck and stuck[0].startswith("error (rank 1):") and "rank 1 is stuck" in stuck[0], err[-3000:]
     assert "at step 3" in stuck[0]
     assert elapsed < timeout_s + 60, f"the job took {elapsed:.0f} s to end"
+
+
+def test_a_rank_killed_by_a_native_abort_prints_its_python_stack(tmp_path: Path) -> None:
+    """A C++ abort (a collective library, a kernel) prints no Python traceback by itself: faulthandler shows where
+    each thread of the rank was, above torchrun's summary."""
+    run_dir = tmp_path / "run"
+    proc = start_train(tiny_overrides(run_dir, train__epochs=200), nproc=2)
+    try:
+        rank1 = next(pid for pid in worker_pids(proc.pid, 2) if worker_rank(pid) == 1)
+        wait_for_file(run_dir / "config.yaml", proc)  # in the training loop
+        os.kill(rank1, signal.SIGABRT)
+    finally:
+        rc, _, err = wait_job(proc, timeout=60)
+    assert rc != 0 and "exitcode  : -6" in err, err[-3000:]
+    assert "Fatal Python error: Aborted" in err and "Current thread" in err, err[-3000:]
+    assert "train_distributed.py" in err.split("Current thread")[1], err[-3000:]  # the main thread's own frames

@@ -123,7 +123,7 @@ def test_default_job_learns(tmp_path):
 def test_training_switches_run_on_two_processes(tmp_path, extra):
     out = tmp_path / "run"
     rc, stdout, stderr = run_train(tiny_overrides(out, **extra), nproc=2)
-    assert rc == 0, stderr[-3000:]
+    assert rc == 0, stderr[-8000:]  # room for a native crash's thread stacks above torchrun's summary
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["val_loss"] == r["val_loss"] for r in records)  # finite, not NaN
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
