@@ -265,8 +265,8 @@ def cleanup() -> None:
 
     DDP sits in a reference cycle: left to the interpreter's shutdown, it and the process group it holds (gloo's
     worker threads, their last tensors) would be freed after Python stopped running threads, and a native thread
-    that then needs the GIL aborts the process (``terminate called without an active exception``, exit -6, about
-    one finished run in a hundred on a loaded machine).
+    that then needs the GIL aborts the process (``terminate called without an active exception``, exit -6: a few
+    finished runs in a hundred on a loaded machine).
     """
     gc.collect()
     if dist.is_available() and dist.is_initialized():
