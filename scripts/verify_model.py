@@ -56,7 +56,7 @@ def check_model(config_path: str, device: torch.device, atol: float) -> int:
     for model, x, y, weight in ((ddp, images[mine], targets[mine], share), (reference, images, targets, 1.0)):
         model.train()
         optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
-        (task.loss(model(x), y) * weight).backward()
+        (task.training_loss(model, x, y) * weight).backward()
         optimizer.step()
 
     reference_state, synced_state = reference.state_dict(), synced.state_dict()

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine.bn import SyncBatchNorm, convert_sync_batchnorm
 from engine.launch import REPO_ROOT
-from tests.helpers.jobs import error_lines, run_train, run_train_preloaded, tiny_overrides
+from tests.helpers.jobs import error_lines, metric_records, run_train, run_train_preloaded, tiny_overrides
 from tests.helpers.photos import make_photo_folder
 from tests.helpers.proxy import CountingProxy
 from tests.helpers.segmentation import make_segmentation_folder
@@ -73,7 +73,7 @@ def test_the_run_says_what_it_does(tmp_path) -> None:
     rc, out, err = run_train_preloaded(tiny_overrides(out_dir, **two_classes))
     assert rc == 0, err[-3000:]
     assert "model small_cnn (2 classes, from scratch) | data synthetic, 32 px |" in out
-    (record,) = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    (record,) = metric_records(out_dir)
     assert "val_acc1" in record and "val_acc5" not in record and "val_acc5" not in out
     board = EventAccumulator(str(out_dir / "tensorboard")).Reload()
     (text,) = board.Tensors("config/text_summary")

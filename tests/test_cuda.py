@@ -5,7 +5,6 @@ bf16, channels_last, torch.compile with inductor, and a short run of the templat
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import time
@@ -18,7 +17,7 @@ from torch import nn
 from engine.bn import SyncBatchNorm, convert_sync_batchnorm
 from engine.inputs import InputPrep
 from engine.launch import REPO_ROOT, child_env
-from tests.helpers.jobs import run_train, tiny_overrides
+from tests.helpers.jobs import metric_records, run_train, tiny_overrides
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,7 +57,7 @@ def test_the_template_trains_on_the_gpu_with_nccl_and_torch_syncbn(tmp_path) -> 
     rc, stdout, stderr = run_train(tiny_overrides(out, train__amp="bf16", train__channels_last=True), nproc=1)
     assert rc == 0, stderr[-3000:]
     assert "device cuda:0" in stdout and "torch.nn.modules.batchnorm.SyncBatchNorm" in stdout, stdout[-2000:]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(metric_records(out)) == 2
 
 
 @pytest.mark.cuda
@@ -107,5 +106,5 @@ def test_metrics_of_a_gpu_run_are_finite(tmp_path) -> None:
     out = tmp_path / "run"
     rc, _, stderr = run_train(tiny_overrides(out, train__amp="fp16"), nproc=1)
     assert rc == 0, stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(out)
     assert all(r["train_loss"] == r["train_loss"] for r in records)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from tests.helpers.jobs import (
     REPO_ROOT,
     error_lines,
     killed_and_resumed,
+    metric_records,
     run_train,
     run_train_preloaded,
     tiny_overrides,
@@ -40,9 +40,6 @@ from tests.helpers.jobs import (
 DET_CONFIG = str(REPO_ROOT / "configs" / "detection.yaml")
 VAL_IMAGES = 101  # neither 2 nor 3 divides it: a padded or duplicated image would change the scores
 
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +54,9 @@ def learned(tmp_path_factory) -> Path:
 
 
 def test_the_detection_default_learns(learned: Path) -> None:
-    maps = [record["val_map"] for record in _records(learned)]
+    maps = [record["val_map"] for record in metric_records(learned)]
     assert maps[-1] > maps[0] + 10 and maps[-1] > 25, f"val_map per epoch {maps}: the detector did not learn"
-    assert {"val_map50", "val_map75"} <= set(_records(learned)[-1])
+    assert {"val_map50", "val_map75"} <= set(metric_records(learned)[-1])
 
 
 # ----------------------------------------------------------------------------- exact scores
@@ -110,7 +107,7 @@ def _map_by_hand(run: str) -> tuple[dict, int]:
 def test_val_map_is_exact_at_world_sizes_1_2_3(learned: Path) -> None:
     reference, detections = _map_by_hand(str(learned))
     assert detections > VAL_IMAGES and reference["val_map"] > 10, "few detections: a weak test"
-    logged = _records(learned)[-1]  # what the 2-process run itself scored for these weights
+    logged = metric_records(learned)[-1]  # what the 2-process run itself scored for these weights
     assert {key: logged[key] for key in reference} == reference
     for world_size in (1, 2, 3):
         for got in spawn(_evaluate_worker, world_size, str(learned), timeout_s=120):
@@ -211,7 +208,7 @@ def test_a_coco_format_dataset_trains_a_torchvision_detector_on_2_processes(tmp_
     rc, out, err = run_train(args, nproc=2, config=DET_CONFIG, timeout=300)
     assert rc == 0, err[-3000:]
     assert "PreciseBN" in out
-    (record,) = _records(tmp_path / "run")
+    (record,) = metric_records(tmp_path / "run")
     assert torch.isfinite(torch.tensor(record["train_loss"])) and 0 <= record["val_map"] <= 100
     checkpoint = torch_load(tmp_path / "run" / "checkpoints" / "last.pt")
     # the image without annotations is not trained on: 3 images, 1 per process, 1 step of 2 (drop_last)

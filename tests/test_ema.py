@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from engine.ema import ModelEma
 from engine.launch import spawn
 from engine.model_setup import running_statistics
 from models import build_model
-from tests.helpers.jobs import killed_and_resumed
+from tests.helpers.jobs import killed_and_resumed, metric_records
 from tests.helpers.syncbn import population_statistics
 
 
@@ -125,7 +124,7 @@ def _settle_as_the_template_does(model: nn.Module, ema: ModelEma, train: TrainCo
 def test_the_template_with_ema_logs_saves_and_resumes_it_exactly(tmp_path) -> None:
     reference, resumed, _ = killed_and_resumed(tmp_path, train__ema_decay=0.9, train__ema_buffers="precise",
                                             train__best_metric="val_acc1_ema")
-    records = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(tmp_path / "reference")
     assert all({"val_loss_ema", "val_acc1_ema", "val_acc5_ema"} <= set(r) for r in records)
     best = torch.load(tmp_path / "reference" / "checkpoints" / "best.pt", weights_only=True)
     assert best["train_state"]["best_value"] == max(r["val_acc1_ema"] for r in records)  # best.pt by train.best_metric

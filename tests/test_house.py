@@ -5,7 +5,6 @@ template before its second step of shape (16b4a0d) still resumes, to the same we
 from __future__ import annotations
 
 import ast
-import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from engine.launch import REPO_ROOT, child_env
-from tests.helpers.jobs import error_lines, run_train_preloaded, tiny_overrides, wait_job
+from tests.helpers.jobs import error_lines, metric_records, run_train_preloaded, tiny_overrides, wait_job
 
 DATA = Path(__file__).parent / "data"
 PRODUCTION = ["engine", "models", "data", "scripts", "benchmarks", "train_distributed.py"]
@@ -117,7 +116,7 @@ def test_a_checkpoint_of_16b4a0d_resumes_to_the_same_weights(tmp_path) -> None:
     assert got["train_state"]["step"] == 8 and "epoch" not in got  # each fact once, in train_state
     assert [k for k in want["model"] if not torch.equal(want["model"][k], got["model"][k])] == []
     assert [k for k in want["ema"] if not torch.equal(want["ema"][k], got["ema"]["model"][k])] == []
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(run)
     assert [r["epoch"] for r in records] == [1, 2] and records[0] == want["history"][0]
     assert got["train_state"]["best_metric"] == "val_acc1"
     assert got["train_state"]["best_value"] == max(r["val_acc1"] for r in records)

@@ -4,7 +4,6 @@ bit-identically."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from data.images import DECODERS, RandomResizedCropFile, decode_image
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocessing
 from engine.errors import SampleError
 from engine.inputs import InputPrep
-from tests.helpers.jobs import REPO_ROOT, killed_and_resumed, run_train
+from tests.helpers.jobs import REPO_ROOT, killed_and_resumed, metric_records, run_train
 from tests.helpers.photos import make_awkward_files, make_photo_folder, photo
 
 IMAGEFOLDER = str(REPO_ROOT / "configs" / "imagefolder.yaml")
@@ -162,7 +161,7 @@ def test_the_imagefolder_config_learns_on_a_jpeg_folder(tmp_path, photos) -> Non
             "train.lr=0.02", "train.progress_bar=false", "train.tensorboard=false"]  # fmt: skip
     rc, stdout, stderr = run_train(args, nproc=2, config=IMAGEFOLDER, timeout=300)
     assert rc == 0, stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(out)
     assert records[-1]["val_acc1"] >= 75, [r["val_acc1"] for r in records]  # chance: 33
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 

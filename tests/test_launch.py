@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import socket
 import stat
@@ -18,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine.distributed import cleanup
 from engine.launch import spawn
-from tests.helpers.jobs import TRAIN_SCRIPT, child_env, run_train, run_train_preloaded, tiny_overrides, wait_job
+from tests.helpers.jobs import TRAIN_SCRIPT, child_env, metric_records, run_train, run_train_preloaded, tiny_overrides, wait_job
 
 CONFIG = "configs/default.yaml"
 pytestmark = pytest.mark.slow
@@ -59,7 +58,7 @@ def test_single_process_outputs_and_auto_resume(tmp_path):
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["output_dir"] == str(out) and resolved["train"]["epochs"] == 2
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert set(record) == {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "samples_per_s",
@@ -79,7 +78,7 @@ def test_single_process_outputs_and_auto_resume(tmp_path):
     rc, stdout, stderr = run_train(tiny_overrides(out, train__epochs=3), nproc=1)
     assert rc == 0, stderr
     assert "resumed from" in stdout and "epoch 3, step 32" in stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(out)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["train_state"]["step"] == 48
 

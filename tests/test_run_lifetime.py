@@ -7,7 +7,6 @@ Real processes and real signals: the entry script is launched as a user would (t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -24,6 +23,7 @@ from tests.helpers.jobs import (
     child_env,
     error_lines,
     is_alive,
+    metric_records,
     run_train,
     run_train_preloaded,
     start_train,
@@ -104,7 +104,7 @@ def test_a_second_launch_into_a_live_run_is_refused_and_the_first_finishes(tmp_p
     assert f"pid {first.pid}" in lines[0]  # names the holder: host and pid
     assert f"traceback : {lines[0]}" in err and "To enable traceback" not in err
     assert rc_first == 0, err_first[-3000:]
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in metric_records(run_dir)]
     assert epochs == list(range(1, 41))
 
 
@@ -126,7 +126,7 @@ def test_a_kill_around_an_epoch_end_leaves_one_metrics_line_per_epoch(point: str
     assert rc == 128 + signal.SIGKILL, f"the fault did not fire: rc {rc}\n{err[-3000:]}"
     rc, out, err = run_train_preloaded(tiny_overrides(run_dir, **fault))  # the same command: resumes
     assert rc == 0, err[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(run_dir)
     assert [r["epoch"] for r in records] == [1, 2]
 
 

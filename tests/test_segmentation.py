@@ -6,7 +6,6 @@ Bad segmentation input (mask sizes, class indices, split files, a classification
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.helpers.jobs import (
     child_env,
     error_lines,
     killed_and_resumed,
+    metric_records,
     run_train,
     run_train_preloaded,
     tiny_overrides,
@@ -174,9 +174,6 @@ def test_killed_and_resumed_segmentation_run_is_bit_identical(tmp_path: Path) ->
 # ----------------------------------------------------------------------------- torchvision models on files
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.mark.slow
 def test_deeplabv3_with_aux_head_trains_on_a_voc_layout_in_two_processes(tmp_path: Path) -> None:
@@ -186,7 +183,7 @@ def test_deeplabv3_with_aux_head_trains_on_a_voc_layout_in_two_processes(tmp_pat
                           data__batch_size=1, data__val_batch_size=1, train__epochs=1, model__kwargs="{}")
     rc, out, err = run_train(args, nproc=2, config=SEG_CONFIG)
     assert rc == 0, err[-3000:]
-    (record,) = _records(tmp_path / "run")
+    (record,) = metric_records(tmp_path / "run")
     assert torch.isfinite(torch.tensor(record["train_loss"]))
     state = torch_load(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
     assert any(key.startswith("aux_classifier") for key in state), "the auxiliary head was not built"
@@ -222,7 +219,7 @@ def test_lraspp_trains_on_a_segmentation_folder(tmp_path: Path, folder: Path) ->
                           train__tensorboard=True)
     rc, out, err = run_train_preloaded(args, config=SEG_CONFIG)
     assert rc == 0, err[-3000:]
-    (record,) = _records(tmp_path / "run")
+    (record,) = metric_records(tmp_path / "run")
     assert len(record["val_iou"]) == FOLDER_CLASSES and "val_miou" in out
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
@@ -308,7 +305,7 @@ def test_segmentation_default_learns(tmp_path: Path) -> None:
             "dist.timeout_s=60"]
     rc, out, err = run_train(args, nproc=2, config=SEG_CONFIG, timeout=240)
     assert rc == 0, err[-3000:]
-    records = _records(tmp_path / "run")
+    records = metric_records(tmp_path / "run")
     # predicting one class everywhere scores at most 100 / 7 (one IoU of at most 100, six of 0)
     assert records[-1]["val_miou"] > 40, records
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ from engine.inputs import InputPrep
 from engine.launch import spawn
 from engine.tasks import ClassificationTask
 from models import build_model
-from tests.helpers.jobs import run_train, tiny_overrides
+from tests.helpers.jobs import metric_records, run_train, tiny_overrides
 
 # ----------------------------------------------------------------------------- exact evaluation
 
@@ -103,7 +101,7 @@ def test_default_job_learns(tmp_path):
     rc, stdout, stderr = run_train([f"output_dir={out}", "train.epochs=3", "train.progress_bar=false"], nproc=2,
                                    timeout=300)
     assert rc == 0, stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(out)
     assert len(records) == 3
     assert records[-1]["val_acc1"] > 60, records
     assert records[-1]["train_loss"] < records[0]["train_loss"]
@@ -124,7 +122,7 @@ def test_training_switches_run_on_two_processes(tmp_path, extra):
     out = tmp_path / "run"
     rc, stdout, stderr = run_train(tiny_overrides(out, **extra), nproc=2)
     assert rc == 0, stderr[-8000:]  # room for a native crash's thread stacks above torchrun's summary
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(out)
     assert len(records) == 2 and all(r["val_loss"] == r["val_loss"] for r in records)  # finite, not NaN
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["global_batch"] == 16 * 2 * int(extra.get("train__accumulate_steps", 1))

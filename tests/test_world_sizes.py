@@ -4,7 +4,6 @@ schedule position; and a world size that cannot keep the run is refused in one l
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
@@ -15,7 +14,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.launch import REPO_ROOT, child_env
-from tests.helpers.jobs import error_lines, kill_job, run_train, run_train_preloaded, tiny_overrides, wait_for_file, wait_job
+from tests.helpers.jobs import (
+    error_lines,
+    kill_job,
+    metric_records,
+    run_train,
+    run_train_preloaded,
+    tiny_overrides,
+    wait_for_file,
+    wait_job,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -176,8 +184,8 @@ def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(tmp_path) -> Non
         second.wait()
     assert rc == 0, stderr[-3000:]
     assert "resumed a 2-process run on 1 process: global batch 32, normalisation batch 32" in stdout, stdout[-3000:]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    want = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    records = metric_records(run)
+    want = metric_records(reference)
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     assert abs(records[-1]["val_acc1"] - want[-1]["val_acc1"]) <= 1.0, (records[-1], want[-1])
 

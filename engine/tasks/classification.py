@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.distributed import all_reduce_sum
-from engine.tasks.common import Task, main_output
+from engine.tasks.common import OutputLossTask, main_output
 
 
-class ClassificationTask(Task):
+class ClassificationTask(OutputLossTask):
     """Integer labels; cross-entropy; top-1 and top-5 accuracy (percent; top-5 only with more than 5 classes, where
     it says something: ``num_classes`` 0 = not known)."""
 

@@ -1,7 +1,8 @@
-"""What every task shares: the ignore index of masks, and the logits a model's output holds."""
+"""What every task shares: the Task interface, the ignore index of masks, and the logits a model's output holds."""
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -15,17 +16,25 @@ def main_output(output: Tensor | dict[str, Tensor]) -> Tensor:
     return output["out"] if isinstance(output, dict) else output
 
 
-class Task:
-    """What a task decides: the training loss of a batch and a scorer of validation batches. Subclasses give
-    ``loss(output, targets)`` and ``scorer(device)``; a task whose model takes the targets too (detection)
-    overrides :meth:`training_loss`."""
+class Task(abc.ABC):
+    """What a task decides: the training loss of a batch, and a scorer of validation batches (``update(outputs,
+    targets)`` per batch, then ``result()``, a collective, once)."""
 
-    def loss(self, output: Any, targets: Any) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def training_loss(self, model: nn.Module, images: Any, targets: Any) -> Tensor:
+        """The mean loss of a training batch; the task runs the forward (a detector takes the targets too)."""
 
+    @abc.abstractmethod
     def scorer(self, device: torch.device) -> Any:
-        raise NotImplementedError
+        """A fresh scorer for one evaluation."""
+
+
+class OutputLossTask(Task):
+    """A task whose loss is a function of the model's output and the targets (classification, segmentation)."""
+
+    @abc.abstractmethod
+    def loss(self, output: Any, targets: Any) -> Tensor:
+        """The mean loss of ``output`` against ``targets``."""
 
     def training_loss(self, model: nn.Module, images: Any, targets: Any) -> Tensor:
-        """The mean loss of a training batch, from the model's forward pass."""
         return self.loss(model(images), targets)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.distributed import all_reduce_sum
-from engine.tasks.common import IGNORE_INDEX, Task, main_output
+from engine.tasks.common import IGNORE_INDEX, OutputLossTask, main_output
 
 
-class SegmentationTask(Task):
+class SegmentationTask(OutputLossTask):
     """Integer masks (N, H, W) with ``IGNORE_INDEX`` for pixels that do not count; per-pixel cross-entropy (plus
     ``aux_weight`` x the auxiliary head's, when the model has one); pixel accuracy and IoU (percent)."""
 

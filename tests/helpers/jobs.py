@@ -14,6 +14,7 @@ Every job starts in its own session, so on timeout the whole process group
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -151,6 +152,11 @@ def killed_and_resumed(tmp: Path, config: str | None = None, **overrides: object
     assert rc == 0 and "resumed from" in out, err[-3000:]
     reference, resumed = (torch_load(tmp / name / "checkpoints" / "last.pt") for name in ("reference", "run"))
     return reference, resumed, reference_out
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.jsonl``: one record per finished epoch."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def torch_load(path: Path) -> dict:
