@@ -48,7 +48,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _as_batchnorm(frozen: nn.Module, trains: bool) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(frozen.weight.numel(), eps=frozen.eps).to(frozen.weight.device)
+    bn = nn.BatchNorm2d(frozen.weight.numel(), eps=frozen.eps, device=frozen.weight.device, dtype=frozen.weight.dtype)
     for key in ("weight", "bias", "running_mean", "running_var"):
         getattr(bn, key).data.copy_(getattr(frozen, key))
     bn.weight.requires_grad_(trains)

@@ -5,7 +5,6 @@ template before its second step of shape (16b4a0d) still resumes, to the same we
 from __future__ import annotations
 
 import ast
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,24 +98,65 @@ def test_a_bug_in_rank_zeros_decision_keeps_its_traceback(tmp_path) -> None:
                                 "traceback is above"], err[-3000:]
 
 
-@pytest.mark.slow
-def test_a_checkpoint_of_16b4a0d_resumes_to_the_same_weights(tmp_path) -> None:
-    """Written mid-epoch 2 (step 6 of 8) by the template at 16b4a0d, with an EMA; resumed by today's template, the
-    run ends with the weights, EMA and metrics that 16b4a0d's uninterrupted run ended with (saved beside it)."""
-    run = tmp_path / "run"
+def _as_written_today(old: dict) -> dict:
+    """The state of a 16b4a0d checkpoint in the layout today's template writes: the best value under its new names,
+    no top-level copies of train_state's facts, no inference block (the run trained on generated data)."""
+    state = dict(old["train_state"])
+    state["best_value"] = state.pop("best_acc1")
+    state["best_metric"] = "val_acc1"
+    new = {key: value for key, value in old.items() if key not in ("train_state", "epoch", "best_acc1")}
+    return {**new, "train_state": state, "inference": {}}
+
+
+def _resume(run: Path, checkpoint: dict) -> dict:
+    """Resume the 16b4a0d run from ``checkpoint`` (written in ``run``) to its end; its ``last.pt``."""
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(DATA / "checkpoint_16b4a0d_step6.pt", run / "checkpoints" / "ckpt_e0001_s00000006.pt")
-    shutil.copy(DATA / "checkpoint_16b4a0d_step6.pt", run / "checkpoints" / "last.pt")
+    for name in ("ckpt_e0001_s00000006.pt", "last.pt"):
+        torch.save(checkpoint, run / "checkpoints" / name)
     args = tiny_overrides(run, data__num_train=64, data__num_val=32, train__checkpoint_every_steps=3,
                           train__keep_checkpoints=4, train__ema_decay=0.9)  # the run 16b4a0d made
     rc, out, err = run_train_preloaded(args)
     assert rc == 0 and "resumed from" in out and "epoch 2, step 6" in out, err[-3000:]
-    want = torch.load(DATA / "final_weights_16b4a0d_step8.pt", weights_only=True)
-    got = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_16b4a0d_resumes_to_the_same_weights(tmp_path) -> None:
+    """Written mid-epoch 2 (step 6 of 8) by the template at 16b4a0d, with an EMA. "The same weights" is computed
+    here: resumed from the old file and from the same state in today's layout, the two runs are one computation on
+    this machine, so they end bit-identical. Against the weights 16b4a0d's own uninterrupted run ended with (saved
+    beside it, computed on another CPU), two steps of other kernels' rounding are allowed and nothing more."""
+    old = torch.load(DATA / "checkpoint_16b4a0d_step6.pt", weights_only=True)
+    got = _resume(tmp_path / "old", old)
+    today = _resume(tmp_path / "today", _as_written_today(old))
     assert got["train_state"]["step"] == 8 and "epoch" not in got  # each fact once, in train_state
-    assert [k for k in want["model"] if not torch.equal(want["model"][k], got["model"][k])] == []
-    assert [k for k in want["ema"] if not torch.equal(want["ema"][k], got["ema"]["model"][k])] == []
-    records = metric_records(run)
-    assert [r["epoch"] for r in records] == [1, 2] and records[0] == want["history"][0]
+    for part in ("model", "optimizer", "ema", "train_state"):
+        assert _differing(got[part], today[part]) == [], part
+    records = metric_records(tmp_path / "old")
+    assert [r["epoch"] for r in records] == [1, 2] and records[0] == old["train_state"]["history"][0]
     assert got["train_state"]["best_metric"] == "val_acc1"
     assert got["train_state"]["best_value"] == max(r["val_acc1"] for r in records)
+    # 16b4a0d's machine: two SGD steps (lr 0.0125) from the same state differ by the kernels' rounding only,
+    # measured 0 on AVX-512, 3.0e-8 with AVX2 kernels, 6.0e-8 with scalar ones (weights and EMA, worst); a resume
+    # that loses the momentum buffers is off by 3.4e-2, one that restarts the EMA from the weights by 3.0e-3
+    want = torch.load(DATA / "final_weights_16b4a0d_step8.pt", weights_only=True)
+    for stored, mine in ((want["model"], got["model"]), (want["ema"], got["ema"]["model"])):
+        assert stored.keys() == mine.keys()
+        worst = max((mine[k].double() - w.double()).abs().max().item() for k, w in stored.items() if w.is_floating_point())
+        assert worst < 1e-6, worst
+        assert all(torch.equal(stored[k], mine[k]) for k, w in stored.items() if not w.is_floating_point())
+
+
+def _differing(a: object, b: object, path: str = "") -> list[str]:
+    """Where two nested checkpoint parts differ (tensors bit for bit); timings, which differ between any two
+    runs, excepted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a if not str(k).endswith(("time_s", "samples_per_s")) for d in _differing(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return [f"{path}: length"] if len(a) != len(b) else [d for i, (x, y) in enumerate(zip(a, b))
+                                                             for d in _differing(x, y, f"{path}[{i}]")]  # fmt: skip
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [path]
+    return [] if a == b else [path]
