@@ -20,6 +20,7 @@ from engine.bn import (
     check_layer_calls,
     convert_ghost_batchnorm,
     convert_sync_batchnorm,
+    revert_sync_batchnorm,
 )
 from engine.config import Config
 from engine.distributed import DistContext
@@ -32,7 +33,8 @@ from engine.trainer import amp_dtype
 def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
     """``model`` moved to the run's device (channels_last with ``train.channels_last``), every BatchNorm made
     SyncBatchNorm over ``ctx.sync_group`` (each call checked to be the same layer on every rank with
-    ``syncbn.check_calls``), ghost BatchNorm, or left local, as ``syncbn.*`` resolved; a BatchNorm class no
+    ``syncbn.check_calls``), ghost BatchNorm, or local (synchronised layers the model came with made local too),
+    as ``syncbn.*`` resolved; a BatchNorm class no
     converter knows is a one-line error naming it."""
     model = model.to(ctx.device)
     if cfg.train.channels_last:
@@ -45,9 +47,9 @@ def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
             return model
         if cfg.syncbn.virtual_splits > 1:
             return convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
+        return revert_sync_batchnorm(model)  # local BatchNorm: also a model built with torch.nn.SyncBatchNorm
     except UnsupportedBatchNorm as exc:
         raise ModelError(f"model.name: {cfg.model.name}: {exc}") from None
-    return model
 
 
 def settle_policy(cfg: Config, world_size: int) -> SettlePolicy:

@@ -79,9 +79,9 @@ def test_impl_choice_torch_syncbn_revert_and_errors() -> None:
     torch_version = convert_sync_batchnorm(_bn_net(), impl="torch")
     assert all(type(m) is nn.SyncBatchNorm for m in torch_version.modules() if "BatchNorm" in type(m).__name__)
     assert type(convert_sync_batchnorm(nn.BatchNorm1d(3), impl="auto")) is SyncBatchNorm  # CPU: ours
-    ours = convert_sync_batchnorm(torch_version, impl="ours")  # already synchronised: left alone
-    assert type(ours[1]) is nn.SyncBatchNorm
-    assert type(revert_sync_batchnorm(ours)[1]) is nn.BatchNorm2d
+    ours = convert_sync_batchnorm(torch_version, impl="ours")  # synchronised by torch: made ours (CPU-capable)
+    assert type(ours[1]) is SyncBatchNorm and type(revert_sync_batchnorm(ours)[1]) is nn.BatchNorm2d
+    assert type(convert_sync_batchnorm(ours, impl="torch")[1]) is nn.SyncBatchNorm
     # Converted by torch itself: the original class is unknown, so revert gives the any-rank BatchNorm.
     root = nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2))
     weight = root.weight

@@ -196,7 +196,9 @@ def convert_sync_batchnorm(
 
     ``impl``: "auto" uses torch.nn.SyncBatchNorm's kernels for layers on CUDA and ours elsewhere, "torch" always
     torch's, "ours" always ours. ``collective`` (ours only): the forward collective, see :class:`SyncBatchNorm`.
-    Layers already synchronised are left as they are.
+    A layer synchronised already (a model built with ``torch.nn.SyncBatchNorm``, as mmseg/mmdet configs do, or
+    converted by torch's converter) becomes the implementation ``impl`` picks, as any BatchNorm does (torch's
+    refuses CPU tensors), keeping its own ``process_group`` when it has one.
     """
     if impl not in _VALID_IMPLS:
         raise ValueError(f"convert_sync_batchnorm: impl must be one of {', '.join(_VALID_IMPLS)}; got {impl!r}")
@@ -204,12 +206,16 @@ def convert_sync_batchnorm(
     _reject_data_parallel(module)
 
     def build(bn: _BatchNorm, family: BatchNormFamily, path: str) -> nn.Module | None:
-        if type(bn) in (family.sync, family.torch_sync):
-            return None
         device = _device_of(bn)
-        if impl == "torch" or (impl == "auto" and device.type == "cuda"):
-            return _convert(bn, family.torch_sync, family, process_group=process_group)
-        new = _convert(bn, family.sync, family, process_group=process_group, collective=collective)
+        torch_kernels = impl == "torch" or (impl == "auto" and device.type == "cuda")
+        target = family.torch_sync if torch_kernels else family.sync
+        if type(bn) is target:
+            return None
+        own = getattr(bn, "process_group", None)  # a synchronised layer's own group stays
+        group = own if own is not None else process_group
+        if torch_kernels:
+            return _convert(bn, target, family, process_group=group)
+        new = _convert(bn, target, family, process_group=group, collective=collective)
         new.single_value_batches = torch.zeros((), dtype=torch.int64, device=device)
         return new
 

@@ -188,15 +188,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
         group: Any,
         world_size: int,
         collective: str,
+        kept: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sd = statistics_dtype(x.dtype)
-        if collective == "all_reduce":
+        if kept is not None:  # a checkpoint's replay: the first forward's global (count, mean, M2), no collective
+            count, mean, m2 = kept
+        elif collective == "all_reduce":
             count, mean, m2 = _reduced_moments(x, sd, shift, group)
         else:
             count, mean, m2 = _gathered_moments(x, sd, group, world_size)
         var = m2 / count.clamp(min=1)  # biased; a global count of 1 gives 0, never NaN
         weight_sd = None if weight is None else weight.to(sd)
-        ctx.save_for_backward(x, weight_sd, mean, var, count)
+        ctx.save_for_backward(x, weight, mean, var, count)  # the parameter itself: a second derivative reaches it
         ctx.group, ctx.eps = group, eps
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -209,7 +212,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Autograd calls this on an empty rank too (its output is part of the loss graph, with an empty grad), so
         # every rank enters the all-reduce. Whether the input needs a grad is decided by the graph, not the data,
         # so all ranks skip it together when it does not (then only the local parameter grads are needed).
+        if torch.is_grad_enabled():  # backward(create_graph=True): this gradient will itself be differentiated
+            return _differentiable_backward(ctx, grad_out)
         x, weight, mean, var, count = ctx.saved_tensors
+        weight = None if weight is None else weight.to(mean.dtype)
         if x.numel() > 0:
             # with the global statistics as "running" stats, the inference backward's parameter grads are exactly
             # this rank's sum(dy * xhat) and sum(dy), in one fused pass (also without a weight)
@@ -232,6 +238,50 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)): an affine map of x, plus dy * scale
             grad_x = _affine_of_x(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
             grad_x = grad_x.addcmul_(grad_out, _per_channel(scale, x.dim()))
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+
+
+def _differentiable_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    """The same gradients as :meth:`SyncBatchNormFunction.backward`, built from differentiable ops, for a backward
+    whose result is differentiated again (a gradient penalty: WGAN-GP, R1). The fused kernels and the in-place
+    all-reduce have no derivative, and the saved global statistics hold none of their dependence on every rank's
+    input; so the statistics are recomputed from ``x`` through all-reduces that carry gradients (their backward is
+    an all-reduce too), shifted by the forward's mean to stay exact. Costs one more all-reduce of 2C values."""
+    all_reduce = _DifferentiableAllReduce.apply
+    x, weight, mean, _, count = ctx.saved_tensors
+    weight = None if weight is None else weight.to(mean.dtype)
+    dims = [d for d in range(x.dim()) if d != 1]
+    n = count.clamp(min=1)
+    shifted = x.to(mean.dtype) - _per_channel(mean.detach(), x.dim())
+    s1, s2 = all_reduce(torch.cat([shifted.sum(dims), (shifted * shifted).sum(dims)]), ctx.group).chunk(2)
+    offset = s1 / n  # the global mean minus the forward's (0 up to rounding, but differentiable)
+    invstd = torch.rsqrt((s2 / n - offset * offset).clamp(min=0) + ctx.eps)
+    xhat = (shifted - _per_channel(offset, x.dim())) * _per_channel(invstd, x.dim())
+    dy = grad_out.to(mean.dtype)
+    sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
+    mean_dy, mean_dy_xhat = (all_reduce(torch.cat([sum_dy, sum_dy_xhat]), ctx.group) / n).chunk(2)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = None
+    if need_x:
+        scale = invstd if weight is None else invstd * weight
+        dx = dy - _per_channel(mean_dy, x.dim()) - xhat * _per_channel(mean_dy_xhat, x.dim())
+        grad_x = (dx * _per_channel(scale, x.dim())).to(x.dtype)
+    grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class _DifferentiableAllReduce(torch.autograd.Function):
+    """A sum over the group whose gradient is the sum of the gradients over the group (the adjoint of a sum that
+    every rank receives), itself differentiable the same way."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        return _all_reduce_sum(t.clone(), group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _DifferentiableAllReduce.apply(grad, ctx.group), None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from engine.bn import recompute
 from engine.bn.functional import (
     SyncBatchNormFunction,
     active_group,
@@ -26,10 +27,26 @@ from engine.bn.functional import (
 
 
 class AnyDimBatchNorm(_BatchNorm):
-    """Plain local BatchNorm for (N, C, \\*) input of any rank; what revert gives when the original is unknown."""
+    """Plain local BatchNorm for (N, C, \\*) input of any rank; what revert gives when the original is unknown.
+    A checkpoint's replay in backward normalises the same way without counting or updating the statistics again."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_at_least_2d(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and recompute.recomputing():
+            self._check_input_dim(input)
+            running_mean, running_var = _replay_buffers(self)
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(input)
+
+
+def _replay_buffers(bn: _BatchNorm) -> tuple[Tensor | None, Tensor | None]:
+    """Copies of the running statistics for a replay's kernel to update and drop: the kernel saves the same
+    tensors for backward as in the first forward (the checkpoint checks their number), the layer's stay as they are."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return None, None
+    return bn.running_mean.clone(), bn.running_var.clone()
 
 
 class SyncBatchNorm(AnyDimBatchNorm):
@@ -102,12 +119,17 @@ class SyncBatchNorm(AnyDimBatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         group, world_size = sync
-        factor = count_step(self)
+        replay = recompute.recomputing()
+        kept = recompute.take(self) if replay else None
+        factor = 0.0 if replay else count_step(self)
         tracking = self.track_running_stats and self.running_mean is not None
         out, mean, m2, count = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean if tracking else None, self.eps, group, world_size,
-            choose_collective(self.collective, world_size),
+            choose_collective(self.collective, world_size), kept,
         )
+        if replay:
+            return out
+        recompute.keep(self, (count, mean, m2))
         if tracking:
             update_running_stats(self, mean, m2, count, factor)
         with torch.no_grad():
@@ -144,11 +166,13 @@ class GhostBatchNorm(AnyDimBatchNorm):
                 f"GhostBatchNorm: batch size {batch} is not divisible by virtual_splits={splits}; "
                 f"use a batch size that is a multiple of {splits} (e.g. drop_last=True in the loader)"
             )
-        factor = count_step(self)
+        replay = recompute.recomputing()  # a checkpoint's replay: the same normalisation, no second update
+        factor = 0.0 if replay else count_step(self)
+        running_mean, running_var = _replay_buffers(self) if replay else (self.running_mean, self.running_var)
         tracked = self.track_running_stats
         outs = [
-            F.batch_norm(chunk, self.running_mean if i == 0 and tracked else None,
-                         self.running_var if i == 0 and tracked else None, self.weight, self.bias, True, factor, self.eps)
+            F.batch_norm(chunk, running_mean if i == 0 and tracked else None,
+                         running_var if i == 0 and tracked else None, self.weight, self.bias, True, factor, self.eps)
             for i, chunk in enumerate(input.split(batch // splits))
         ]  # fmt: skip
         return torch.cat(outs)

@@ -1,0 +1,158 @@
+"""BatchNorm where users go next: activation checkpointing (the replay in backward neither counts nor updates the
+statistics again, and SyncBN communicates nothing more), a second-order gradient through SyncBatchNorm (a gradient
+penalty) against BatchNorm on the global batch, and models that hold ``torch.nn.SyncBatchNorm`` already.
+
+Everything in float64, at 1 process (no group: the layers' local paths) and 2 (one spawned gloo group for all cases).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.bn import (
+    AnyDimBatchNorm,
+    SyncBatchNorm,
+    SyncBatchNormAct,
+    convert_ghost_batchnorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
+from engine.comm_debug import count_comm
+from engine.launch import spawn
+
+PER_RANK = 4
+POSITIONS = ("first", "middle", "last")
+MODES = ("sync", "sync-act", "ghost", "local")
+
+
+def _block(position: str, mode: str) -> nn.Module:
+    """A block with its BatchNorm first, in the middle or last, in one of the template's BatchNorm modes."""
+    width = 3 if position == "first" else 4
+    bn = nn.BatchNorm2d(width)
+    layers = {"first": [bn, nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 1)],
+              "middle": [nn.Conv2d(3, 4, 3, padding=1), bn, nn.Tanh(), nn.Conv2d(4, 4, 1)],
+              "last": [nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 1), bn]}[position]  # fmt: skip
+    block = nn.Sequential(*layers).double()
+    if mode == "sync":
+        return convert_sync_batchnorm(block, impl="ours")
+    if mode == "ghost":
+        return convert_ghost_batchnorm(block, 2)
+    index = layers.index(bn)
+    if mode == "sync-act":  # timm's BatchNormAct2d, converted
+        block[index] = SyncBatchNormAct(width, act=nn.Tanh(), dtype=torch.float64)
+    else:  # local: the template's own local layer (torch's BatchNorm2d counts a replay: PyTorch issue 96136)
+        block[index] = AnyDimBatchNorm(width, dtype=torch.float64)
+    return block
+
+
+def _steps(block: nn.Module, rank: int, use_checkpoint: bool | None, steps: int = 2) -> list[torch.Tensor]:
+    """Two training steps' outputs and gradients (input and parameters), then the BatchNorm buffers. Each step: a
+    new batch (this rank's rows of a global one), forward (checkpointed: ``use_checkpoint`` is reentrant or not;
+    None: plain), a loss weighted by fixed random numbers, backward."""
+    seen = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(2 * PER_RANK, 3, 5, 5, generator=g, dtype=torch.float64)[rank * PER_RANK:][:PER_RANK]
+        weights = torch.randn(2 * PER_RANK, 4, 5, 5, generator=g, dtype=torch.float64)[rank * PER_RANK:][:PER_RANK]
+        x = x.clone().requires_grad_()
+        out = block(x) if use_checkpoint is None else checkpoint(block, x, use_reentrant=use_checkpoint)
+        (out * weights).sum().backward()
+        seen += [out.detach(), x.grad, *(p.grad.clone() for p in block.parameters())]
+        block.zero_grad()
+    return seen + [b.clone().double() for b in block.buffers()]
+
+
+def _checkpointed_as_plain(rank: int) -> list[str]:
+    """Every (position, mode, reentrant, momentum): checkpointed equals plain; the same collectives in the same
+    number (SyncBN's replay communicates nothing)."""
+    failures = []
+    for position, mode, reentrant, momentum in itertools.product(POSITIONS, MODES, (False, True), (0.1, None)):
+        torch.manual_seed(0)
+        block = _block(position, mode)
+        for m in block.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = momentum
+        plain = copy.deepcopy(block)
+        with count_comm() as checkpointed_log:
+            got = _steps(block, rank, reentrant)
+        with count_comm() as plain_log:
+            want = _steps(plain, rank, None)
+        worst = max((a - b).abs().max().item() for a, b in zip(got, want))
+        calls = (len(checkpointed_log.collectives), len(plain_log.collectives))
+        if worst > 1e-10 or calls[0] != calls[1]:
+            failures.append(f"{position} {mode} reentrant={reentrant} momentum={momentum}: {worst:.2e}, collectives "
+                            f"{calls[0]} checkpointed / {calls[1]} plain")  # fmt: skip
+    return failures
+
+
+def test_checkpointed_batchnorm_equals_plain_on_one_process() -> None:
+    assert _checkpointed_as_plain(0) == []
+
+
+def _penalty_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """A gradient penalty's parameter gradients: ||d sum(model(x)) / dx||^2, differentiated again."""
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(torch.tanh(model(x)).sum(), x, create_graph=True)
+    (grad * grad).sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _penalty_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Conv2d(4, 2, 1)).double()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def _second_order(rank: int, world_size: int) -> float:
+    """SyncBatchNorm's gradient penalty, parameter grads summed over ranks (as DDP does), against BatchNorm's on
+    the global batch: the worst difference, relative to the largest gradient."""
+    x = torch.randn(world_size * PER_RANK, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = _penalty_grads(_penalty_net(), x)
+    got = _penalty_grads(convert_sync_batchnorm(_penalty_net(), impl="ours"), x[rank * PER_RANK:][:PER_RANK])
+    for g in got:
+        dist.all_reduce(g)
+    largest = max(b.abs().max().item() for b in want)
+    return max((a - b).abs().max().item() for a, b in zip(got, want)) / largest
+
+
+def _distributed_cases(rank: int, world_size: int) -> dict:
+    return {"checkpointing": _checkpointed_as_plain(rank), "second order": _second_order(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return spawn(_distributed_cases, 2, timeout_s=240)
+
+
+@pytest.mark.slow
+def test_checkpointed_batchnorm_equals_plain_on_two_processes(two_ranks) -> None:
+    assert [r["checkpointing"] for r in two_ranks] == [[], []]
+
+
+@pytest.mark.slow
+def test_a_gradient_penalty_through_syncbn_equals_batchnorm_on_the_global_batch(two_ranks) -> None:
+    # relative to the largest gradient; the same formula in fp64 on the same numbers, another summation order
+    assert max(r["second order"] for r in two_ranks) < 1e-12, two_ranks
+
+
+def test_models_built_with_torch_syncbatchnorm_are_converted_and_reverted() -> None:
+    """mmseg/mmdet-style models hold torch.nn.SyncBatchNorm, which refuses CPU tensors in a process group: converted
+    to ours keeping tensors and the layer's own group; revert gives the very layer back; local mode makes it local."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4, momentum=0.3), nn.ReLU())
+    original, weight, running = net[1], net[1].weight, net[1].running_var
+    ours = convert_sync_batchnorm(net, impl="ours")
+    assert type(ours[1]) is SyncBatchNorm and ours[1].weight is weight and ours[1].running_var is running
+    assert ours[1].momentum == 0.3
+    assert revert_sync_batchnorm(ours)[1] is original
+    local = revert_sync_batchnorm(nn.Sequential(nn.SyncBatchNorm(4)))
+    assert type(local[0]) is AnyDimBatchNorm
