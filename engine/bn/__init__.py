@@ -12,7 +12,9 @@ One concern per file; the public names are all importable from here (``from engi
 - ``precise``: :func:`recompute_bn_stats` (PreciseBN), exact population statistics at any world size;
 - ``settle``: :class:`RunningStatistics`, the one place that decides *when* statistics are settled (before an
   evaluation, before a save; for the model, its EMA and the scripts);
-- ``calls``: :func:`check_layer_calls`, every rank in the same SyncBN layer before each collective (opt-in).
+- ``calls``: :func:`check_layer_calls`, every rank in the same SyncBN layer before each collective (opt-in);
+- ``recompute``: under activation checkpointing, the replay in backward neither counts nor updates the statistics
+  again, and SyncBN takes back its first forward's global statistics instead of communicating again.
 
 The package imports only torch, so it can be copied into another project as is.
 """
