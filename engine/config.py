@@ -85,6 +85,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # 0 = off
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
+    grad_checkpointing: bool = False  # recompute the model's blocks in backward: less activation memory
     compile: bool = False
     seed: int = 0
     resume: str = "auto"  # auto | none | path/to/checkpoint.pt

@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from engine.config import Config, config_to_dict, global_batch_size, normalisation_batch
 from engine.distributed import DistContext, launch_rank, record_error_for_launcher
 from engine.errors import UserError
+from engine.grad_checkpointing import CheckpointedSequential
 
 LOGGER_NAME = "ddp"
 
@@ -75,6 +76,7 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
         f"batch {cfg.data.batch_size}/process x {ctx.world_size} x accum {cfg.train.accumulate_steps} = "
         f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
         f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
+        f"{_describe_checkpointing(model)}"
         f"   torch {torch.__version__} | python {platform.python_version()} | output {cfg.output_dir}"
     )
 
@@ -106,6 +108,13 @@ def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:
     else:
         what = f"local per process (SyncBN off), buffers made consistent by '{cfg.syncbn.buffer_policy}'"
     return f"normalisation batch {normalisation_batch(cfg, ctx.world_size)}: {what} [{layers}]"
+
+
+def _describe_checkpointing(model: torch.nn.Module) -> str:
+    """The banner's line for ``train.grad_checkpointing``: which blocks recompute in backward (none: no line)."""
+    parts = [name or "the model" for name, m in model.named_modules()
+             if isinstance(m, CheckpointedSequential) or getattr(m, "grad_checkpointing", None) is True]  # fmt: skip
+    return f"   activation checkpointing: {', '.join(parts)} (BatchNorm statistics exact under the recompute)\n" if parts else ""
 
 
 def log_epoch(record: dict[str, Any], epochs: int, eta_s: float) -> None:

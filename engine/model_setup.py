@@ -19,6 +19,7 @@ from engine.bn import (
     UnsupportedBatchNorm,
     check_layer_calls,
     convert_ghost_batchnorm,
+    convert_local_batchnorm,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
@@ -26,12 +27,14 @@ from engine.config import Config
 from engine.distributed import DistContext
 from engine.ema import ModelEma
 from engine.errors import ModelError
+from engine.grad_checkpointing import enable_grad_checkpointing
 from engine.tasks import Task
 from engine.trainer import amp_dtype
 
 
 def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
-    """``model`` moved to the run's device (channels_last with ``train.channels_last``), every BatchNorm made
+    """``model`` moved to the run's device (channels_last with ``train.channels_last``, its blocks checkpointed with
+    ``train.grad_checkpointing``), every BatchNorm made
     SyncBatchNorm over ``ctx.sync_group`` (each call checked to be the same layer on every rank with
     ``syncbn.check_calls``), ghost BatchNorm, or local (synchronised layers the model came with made local too),
     as ``syncbn.*`` resolved; a BatchNorm class no
@@ -39,6 +42,10 @@ def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
     model = model.to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.grad_checkpointing and not enable_grad_checkpointing(model):
+        raise ModelError(f"train.grad_checkpointing: {cfg.model.name} has no blocks to checkpoint (no "
+                         "set_grad_checkpointing(enable) method, no torchvision-style layer1..N stages); give it one "
+                         "or set train.grad_checkpointing=false")
     try:
         if cfg.syncbn.enabled:
             model = convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
@@ -47,6 +54,8 @@ def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
             return model
         if cfg.syncbn.virtual_splits > 1:
             return convert_ghost_batchnorm(model, cfg.syncbn.virtual_splits)
+        if cfg.train.grad_checkpointing:  # the template's local layers: a replay counts nothing twice
+            return convert_local_batchnorm(model)
         return revert_sync_batchnorm(model)  # local BatchNorm: also a model built with torch.nn.SyncBatchNorm
     except UnsupportedBatchNorm as exc:
         raise ModelError(f"model.name: {cfg.model.name}: {exc}") from None

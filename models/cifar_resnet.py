@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from engine.grad_checkpointing import checkpoint_stages
 from models.registry import register_model
 
 
@@ -44,6 +45,10 @@ class CifarResNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``train.grad_checkpointing``: each residual block recomputed in backward (timm's switch, by name)."""
+        checkpoint_stages(self.layers, enable=enable)
 
 
 @register_model("cifar_resnet20")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from engine.grad_checkpointing import checkpoint_stages
 from models.registry import register_model
 
 
@@ -25,6 +26,10 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.features(x)))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``train.grad_checkpointing``: each feature block recomputed in backward (timm's switch, by name)."""
+        checkpoint_stages(self.features, enable=enable)
 
 
 @register_model("small_cnn")

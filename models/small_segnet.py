@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.grad_checkpointing import checkpoint_stages
 from models.registry import register_model
 
 
@@ -38,6 +39,10 @@ class SmallSegNet(nn.Module):
         d2 = self.dec2(torch.cat([nn.functional.interpolate(f3, size=f2.shape[-2:], mode="bilinear"), f2], 1))
         d1 = self.dec1(torch.cat([nn.functional.interpolate(d2, size=f1.shape[-2:], mode="bilinear"), f1], 1))
         return self.classifier(d1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``train.grad_checkpointing``: each encoder block recomputed in backward (timm's switch, by name)."""
+        checkpoint_stages(self.enc1, self.enc2, self.enc3, enable=enable)
 
 
 @register_model("small_segnet", task="segmentation")

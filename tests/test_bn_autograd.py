@@ -1,8 +1,10 @@
 """BatchNorm where users go next: activation checkpointing (the replay in backward neither counts nor updates the
 statistics again, and SyncBN communicates nothing more), a second-order gradient through SyncBatchNorm (a gradient
-penalty) against BatchNorm on the global batch, and models that hold ``torch.nn.SyncBatchNorm`` already.
+penalty) against BatchNorm on the global batch, models that hold ``torch.nn.SyncBatchNorm`` already, and the
+template's ``train.grad_checkpointing``.
 
-Everything in float64, at 1 process (no group: the layers' local paths) and 2 (one spawned gloo group for all cases).
+The layer cases in float64, at 1 process (no group: the layers' local paths) and 2 (one spawned gloo group for all
+cases); the switch through real runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ from engine.bn import (
     revert_sync_batchnorm,
 )
 from engine.comm_debug import count_comm
+from engine.config import ModelConfig
+from engine.grad_checkpointing import enable_grad_checkpointing
 from engine.launch import spawn
+from models import build_model
+from tests.helpers.jobs import (
+    REPO_ROOT,
+    error_lines,
+    killed_and_resumed,
+    run_train,
+    run_train_preloaded,
+    tiny_overrides,
+    torch_load,
+)
 
 PER_RANK = 4
 POSITIONS = ("first", "middle", "last")
@@ -156,3 +170,61 @@ def test_models_built_with_torch_syncbatchnorm_are_converted_and_reverted() -> N
     assert revert_sync_batchnorm(ours)[1] is original
     local = revert_sync_batchnorm(nn.Sequential(nn.SyncBatchNorm(4)))
     assert type(local[0]) is AnyDimBatchNorm
+
+
+# --------------------------------------------------------------------------------------------- train.grad_checkpointing
+
+TIMM = dict(model__name="timm/mobilenetv3_small_050", model__kwargs="{}", data__num_train=64, data__num_val=32)
+
+
+@pytest.mark.slow
+def test_a_run_with_grad_checkpointing_ends_with_the_bits_of_the_run_without(tmp_path) -> None:
+    """timm's MobileNetV3 (its BatchNormAct2d become SyncBatchNormAct) on 2 processes with SyncBN, through timm's
+    own switch: the replay recomputes the very numbers, so weights and all BatchNorm buffers end bit-identical."""
+    ends = {}
+    for flag in (False, True):
+        rc, out, err = run_train(tiny_overrides(tmp_path / str(flag), train__grad_checkpointing=flag, **TIMM), nproc=2,
+                                 timeout=240)  # fmt: skip
+        assert rc == 0, err[-3000:]
+        ends[flag] = torch_load(tmp_path / str(flag) / "checkpoints" / "last.pt")["model"]
+    assert "activation checkpointing: the model (BatchNorm statistics exact under the recompute)" in out
+    assert "SyncBatchNormAct" in out
+    assert [k for k in ends[False] if not torch.equal(ends[False][k], ends[True][k])] == []
+
+
+@pytest.mark.slow
+def test_a_checkpointed_run_killed_and_resumed_is_bit_identical(tmp_path) -> None:
+    reference, resumed, _ = killed_and_resumed(tmp_path, train__grad_checkpointing=True,
+                                               **{**TIMM, "data__num_train": 192})  # 24 steps: killed at 20
+    assert [k for k in reference["model"] if not torch.equal(reference["model"][k], resumed["model"][k])] == []
+
+
+def test_a_model_without_blocks_to_checkpoint_is_one_line(tmp_path) -> None:
+    rc, _, err = run_train_preloaded(tiny_overrides(tmp_path / "run", train__grad_checkpointing=True,
+                                                    model__name="small_detector", task="detection"),
+                                     config=str(REPO_ROOT / "configs" / "detection.yaml"))  # fmt: skip
+    assert rc == 1 and error_lines(err) == [
+        "error: train.grad_checkpointing: small_detector has no blocks to checkpoint (no set_grad_checkpointing(enable) "
+        "method, no torchvision-style layer1..N stages); give it one or set train.grad_checkpointing=false"], err[-3000:]
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "cifar_resnet20", "small_segnet", "resnet18", "deeplabv3_resnet50",
+                                  "timm/resnet18", "smp/Unet"])  # fmt: skip
+def test_what_each_model_family_checkpoints(name) -> None:
+    """The switch reaches every family the template builds: the local models' and timm's own switch, torchvision's
+    ResNet stages (also inside a segmentation backbone), an smp encoder from timm; evaluation is unchanged."""
+    task = "segmentation" if name in ("small_segnet", "deeplabv3_resnet50", "smp/Unet") else "classification"
+    kwargs = {"encoder_name": "tu-resnet18"} if name == "smp/Unet" else {}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, num_classes=3, kwargs=kwargs), task).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    parts = enable_grad_checkpointing(model)
+    expect = {"resnet18": ["layer1", "layer2", "layer3", "layer4"], "smp/Unet": ["encoder.model"],
+              "deeplabv3_resnet50": [f"backbone.layer{i}" for i in range(1, 5)]}.get(name, ["the model"])  # fmt: skip
+    assert parts == expect
+    with torch.no_grad():
+        got = model(x)
+    got, want = (v["out"] if isinstance(v, dict) else v for v in (got, want))
+    assert torch.equal(got, want)

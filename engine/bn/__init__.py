@@ -6,7 +6,8 @@ One concern per file; the public names are all importable from here (``from engi
   with one collective forward and one backward);
 - ``layers``: :class:`SyncBatchNorm` (any device and backend), :class:`GhostBatchNorm`, :class:`AnyDimBatchNorm`,
   and their BatchNorm-then-dropout-then-activation forms (timm's ``BatchNormAct2d``, kept what it is);
-- ``convert``: :func:`convert_sync_batchnorm`, :func:`convert_ghost_batchnorm`, :func:`revert_sync_batchnorm`,
+- ``convert``: :func:`convert_sync_batchnorm`, :func:`convert_ghost_batchnorm`, :func:`convert_local_batchnorm`,
+  :func:`revert_sync_batchnorm`,
   through one registry keyed by exact class (:func:`register_batchnorm`); unknown subclasses refused by name;
 - ``buffers``: :func:`sync_bn_buffers`, running statistics that agree across ranks trained without SyncBN;
 - ``precise``: :func:`recompute_bn_stats` (PreciseBN), exact population statistics at any world size;
@@ -28,6 +29,7 @@ from engine.bn.convert import (
     UnsupportedBatchNorm,
     batchnorm_layers,
     convert_ghost_batchnorm,
+    convert_local_batchnorm,
     convert_sync_batchnorm,
     family_of,
     register_batchnorm,
@@ -69,6 +71,7 @@ __all__ = [
     "check_values_per_channel",
     "choose_collective",
     "convert_ghost_batchnorm",
+    "convert_local_batchnorm",
     "convert_sync_batchnorm",
     "family_of",
     "recompute_bn_stats",

@@ -233,15 +233,26 @@ def convert_ghost_batchnorm(module: nn.Module, virtual_splits: int) -> nn.Module
     return _replace(module, build)
 
 
+def convert_local_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (synchronised and ghost ones too) by its family's local layer: the template's own,
+    whose replay under activation checkpointing counts nothing twice (torch's BatchNorm counts it: PyTorch issue
+    96136). Revert gives the originals back."""
+
+    def build(bn: _BatchNorm, family: BatchNormFamily, path: str) -> nn.Module | None:
+        return None if type(bn) is family.local else _convert(bn, family.local, family)
+
+    return _replace(module, build)
+
+
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn synchronised and ghost layers back into local BatchNorm, for inference and export: the module each one
-    replaced (same class, children and attributes; e.g. timm's ``BatchNormAct2d``), else its family's local layer
+    """Turn synchronised, ghost and converted local layers back into local BatchNorm, for inference and export: the
+    module each one replaced (same class, children and attributes; e.g. timm's ``BatchNormAct2d``), else its family's local layer
     (:class:`AnyDimBatchNorm` for a layer torch converted). The same Parameter and buffer objects are kept."""
 
     def build(bn: _BatchNorm, family: BatchNormFamily, path: str) -> nn.Module | None:
-        if type(bn) not in family.converted():
-            return None
         original = getattr(bn, _ORIGINAL, None)
+        if type(bn) not in family.converted() and original is None:
+            return None
         if original is None:
             return _rebuild(bn, family.local, family)
         for name in family.modules:
