@@ -88,7 +88,7 @@ class _PeakTracker:
         return Tracker()
 
 
-def _peak_cpu(model, x, y) -> int:
+def peak_cpu(model, x, y) -> int:
     """High-water mark of the bytes allocated by the step's ops (forward + backward), counted per storage."""
     with _PeakTracker() as tracker:
         loss = F.cross_entropy(model(x), y)
@@ -127,7 +127,7 @@ def measure_rank(rank: int, world: int, cases: list, device: torch.device | None
                 F.cross_entropy(model(x), y).backward()
             model.zero_grad(set_to_none=False)  # grads stay allocated: the step's steady state
             row[f"{kind}_saved"] = _saved_bytes(model, x, y)
-            row[f"{kind}_peak"] = _peak_cuda(model, x, y, device) if device.type == "cuda" else _peak_cpu(model, x, y)
+            row[f"{kind}_peak"] = _peak_cuda(model, x, y, device) if device.type == "cuda" else peak_cpu(model, x, y)
         out.append(row)
     return out
 
