@@ -298,6 +298,9 @@ def validate(cfg: Config) -> None:
         (cfg.syncbn.norm_batch_size >= 0, "syncbn.norm_batch_size", "must be >= 0 (0 = off)"),
         (not (cfg.syncbn.enabled and cfg.syncbn.virtual_splits > 1), "syncbn.virtual_splits",
          "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
+        (not (cfg.train.grad_checkpointing and cfg.syncbn.enabled and cfg.syncbn.impl == "torch"), "syncbn.impl",
+         "torch's SyncBatchNorm counts a checkpoint's replay twice and communicates again; with "
+         "train.grad_checkpointing use auto or ours (ours on every device)"),
         (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
          f"must divide data.batch_size ({cfg.data.batch_size})"),
         # (a dense net normalises over pixels too: one image per statistic is a batch of H x W values)

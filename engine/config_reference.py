@@ -81,7 +81,7 @@ HELP: dict[str, str] = {
     "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
     "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",
     "syncbn.enabled": "convert every BatchNorm to SyncBatchNorm before DDP",
-    "syncbn.impl": "auto (torch's on CUDA, ours elsewhere), torch or ours",
+    "syncbn.impl": "auto (torch's on CUDA, ours elsewhere; ours with train.grad_checkpointing), torch or ours",
     "syncbn.collective": "ours: the forward collective, all_gather or all_reduce (O(C)); auto: all_reduce from 4 ranks",
     "syncbn.group_size": "0 = synchronise over the whole world; k = groups of k consecutive ranks",
     "syncbn.virtual_splits": "with syncbn.enabled false: ghost BatchNorm, k statistics groups per process",

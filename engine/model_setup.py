@@ -48,7 +48,9 @@ def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
                          "or set train.grad_checkpointing=false")
     try:
         if cfg.syncbn.enabled:
-            model = convert_sync_batchnorm(model, ctx.sync_group, impl=cfg.syncbn.impl, collective=cfg.syncbn.collective)
+            # under activation checkpointing ours on every device: torch's kernels would replay the statistics
+            impl = "ours" if cfg.train.grad_checkpointing else cfg.syncbn.impl
+            model = convert_sync_batchnorm(model, ctx.sync_group, impl=impl, collective=cfg.syncbn.collective)
             if cfg.syncbn.check_calls:
                 check_layer_calls(model)
             return model

@@ -199,13 +199,19 @@ def test_a_checkpointed_run_killed_and_resumed_is_bit_identical(tmp_path) -> Non
     assert [k for k in reference["model"] if not torch.equal(reference["model"][k], resumed["model"][k])] == []
 
 
-def test_a_model_without_blocks_to_checkpoint_is_one_line(tmp_path) -> None:
-    rc, _, err = run_train_preloaded(tiny_overrides(tmp_path / "run", train__grad_checkpointing=True,
-                                                    model__name="small_detector", task="detection"),
-                                     config=str(REPO_ROOT / "configs" / "detection.yaml"))  # fmt: skip
-    assert rc == 1 and error_lines(err) == [
-        "error: train.grad_checkpointing: small_detector has no blocks to checkpoint (no set_grad_checkpointing(enable) "
-        "method, no torchvision-style layer1..N stages); give it one or set train.grad_checkpointing=false"], err[-3000:]
+@pytest.mark.parametrize(("overrides", "expect"), [
+    (dict(model__name="small_detector", task="detection"),
+     "error: train.grad_checkpointing: small_detector has no blocks to checkpoint (no set_grad_checkpointing(enable) "
+     "method, no torchvision-style layer1..N stages); give it one or set train.grad_checkpointing=false"),
+    (dict(syncbn__impl="torch"),
+     "error: syncbn.impl: torch's SyncBatchNorm counts a checkpoint's replay twice and communicates again; with "
+     "train.grad_checkpointing use auto or ours (ours on every device), got 'torch'"),
+], ids=["no-blocks", "torch-syncbn"])  # fmt: skip
+def test_what_cannot_be_checkpointed_is_one_line(tmp_path, overrides, expect) -> None:
+    config = "detection.yaml" if overrides.get("task") == "detection" else "default.yaml"
+    rc, _, err = run_train_preloaded(tiny_overrides(tmp_path / "run", train__grad_checkpointing=True, **overrides),
+                                     config=str(REPO_ROOT / "configs" / config))  # fmt: skip
+    assert rc == 1 and error_lines(err) == [expect], err[-3000:]
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "cifar_resnet20", "small_segnet", "resnet18", "deeplabv3_resnet50",
