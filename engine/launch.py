@@ -10,6 +10,7 @@ exception comes back with its rank and traceback. Training itself is launched by
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import tempfile
 import traceback
@@ -42,10 +43,13 @@ class SpawnError(RuntimeError):
 
 
 def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Callable, args: tuple, results) -> None:
+    """One rank: its result goes to the parent pickled by value. A tensor put on a multiprocessing queue as it is
+    travels as a file descriptor that this process serves until it exits; a parent slowed by a loaded machine
+    then reads after the exit and fails with FileNotFoundError."""
     torch.set_num_threads(1)
     try:
         init_process_group("gloo", rank, world_size, timeout_s, init_method=f"file://{init_file}")
-        results.put((rank, True, fn(rank, world_size, *args)))
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -70,7 +74,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 60.0) ->
             for _ in range(world_size):
                 rank, ok, payload = results.get(timeout=timeout_s + 60)
                 if ok:
-                    done[rank] = payload
+                    done[rank] = pickle.loads(payload)
                 else:
                     errors.append(f"rank {rank} failed:\n{payload}")
         except queue_module.Empty:

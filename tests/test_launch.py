@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import socket
 import stat
 import subprocess
@@ -204,3 +205,25 @@ def test_teardown_frees_ddp_and_its_process_group_while_python_runs() -> None:
     Python stopped running threads; a gloo thread that then needs the GIL aborts the finished run (exit -6, about
     one run in twenty in a stress loop before cleanup collected). ``cleanup`` frees them first."""
     assert spawn(_ddp_outlives_its_frame_until_cleanup, 2) == [(True, True), (True, True)]
+
+
+def _a_tensor(rank: int, world_size: int) -> torch.Tensor:
+    return torch.arange(6.0).view(2, 3) + rank
+
+
+def test_a_rank_result_holding_tensors_is_read_after_the_rank_exited(tmp_path) -> None:
+    """The parent of a loaded machine may read a rank's result after the rank exited (seen in CI: FileNotFoundError
+    from torch's file-descriptor sharing). Here it always does: the rank is joined before its result is read."""
+    import torch.multiprocessing as mp
+
+    from engine.launch import _entry
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    rank = ctx.Process(target=_entry, args=(0, 1, str(tmp_path / "pg_init"), 30.0, _a_tensor, (), results))
+    rank.start()
+    rank.join(timeout=60)
+    assert rank.exitcode == 0
+    _, ok, payload = results.get(timeout=10)
+    assert ok and torch.equal(spawn(_a_tensor, 2)[1], _a_tensor(1, 2))
+    assert torch.equal(pickle.loads(payload), _a_tensor(0, 1))
