@@ -4,6 +4,7 @@ schedule position; and a world size that cannot keep the run is refused in one l
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -105,19 +106,20 @@ CHANGES = (4, 10)  # the steps after which the world size changed: 4 -> 2 proces
 SECOND_STEP_BOUND = 1e-4
 
 
-def _check_per_step(want: dict[str, dict[int, float]], got: dict[str, dict[int, float]]) -> None:
+def _check_per_step(want: dict[str, dict[int, float]], got: dict[str, dict[int, float]],
+                    changes: tuple[int, ...] = CHANGES) -> None:  # fmt: skip
     """The learning rate bit-equal at every step (the schedule knows no world size). The loss bit-equal while the
-    run is the reference's computation (its first steps, on 4 processes too); on the first step after each
+    run is the reference's computation (its first steps, on the reference's processes); on the first step after each
     world-size change (the same weights, the same samples, another reduction order) within the rounding bound,
     where a wrong sample or normalisation group moves it by 1e-3 or more; on the second (one update later) within
     SECOND_STEP_BOUND. Later steps are not compared: this net amplifies a rounding difference about fourfold per
     step (measured with AVX2 kernels: 2e-7 at step 12, 2e-4 at step 16)."""
-    assert sorted(got["loss"]) == sorted(want["loss"]) == list(range(1, 17))
+    assert sorted(got["loss"]) == sorted(want["loss"]) == list(range(1, len(want["loss"]) + 1))
     assert got["lr"] == want["lr"]
     loss, reference = got["loss"], want["loss"]
-    assert all(loss[s] == reference[s] for s in range(1, CHANGES[0] + 1)), "the same computation gave other bits"
-    first = {s + 1: abs(loss[s + 1] - reference[s + 1]) for s in CHANGES}
-    second = {s + 2: abs(loss[s + 2] - reference[s + 2]) for s in CHANGES}
+    assert all(loss[s] == reference[s] for s in range(1, changes[0] + 1)), "the same computation gave other bits"
+    first = {s + 1: abs(loss[s + 1] - reference[s + 1]) for s in changes}
+    second = {s + 2: abs(loss[s + 2] - reference[s + 2]) for s in changes}
     assert max(first.values()) < LOSS_BOUND and max(second.values()) < SECOND_STEP_BOUND, (first, second)
 
 
@@ -176,8 +178,8 @@ def test_a_resume_that_would_change_the_normalisation_batch_is_refused(tmp_path)
 def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(tmp_path) -> None:
     """scripts/launch_elastic.sh with NNODES=1:2, two agents of one process each on loopback (c10d rendezvous).
     The second agent is SIGKILLed after the first checkpoint: the first restarts its worker alone, which resumes the
-    2-process run on 1 process and finishes it; metrics.jsonl holds one line per epoch; the final accuracy is the
-    uninterrupted 2-process run's (measured: the same, the runs differing by float rounding only)."""
+    2-process run on 1 process and finishes it; metrics.jsonl holds one line per epoch; the run is the
+    uninterrupted 2-process one: bit for bit up to the change, within rounding on the steps after it."""
     epochs = 4
     common = dict(train__epochs=epochs, data__num_train=512, train__checkpoint_every_steps=4, debug__record_samples=False)
     reference = tmp_path / "reference"
@@ -203,10 +205,11 @@ def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(tmp_path) -> Non
         second.wait()
     assert rc == 0, stderr[-3000:]
     assert "resumed a 2-process run on 1 process: global batch 32, normalisation batch 32" in stdout, stdout[-3000:]
-    records = metric_records(run)
-    want = metric_records(reference)
-    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
-    assert abs(records[-1]["val_acc1"] - want[-1]["val_acc1"]) <= 1.0, (records[-1], want[-1])
+    assert [r["epoch"] for r in metric_records(run)] == list(range(1, epochs + 1))
+    # the same run as the uninterrupted one: judged on the steps right after the change of world size (the final
+    # accuracy of this chaotic 4-wide net is not: with scalar kernels it differed by 6.25 points, 8 of 128 images)
+    (resumed_at,) = re.findall(r"on 1 process: global batch 32, normalisation batch 32, step (\d+);", stdout)
+    _check_per_step(_per_step(reference), _per_step(run), changes=(int(resumed_at),))
 
 
 def _free_port() -> int:
