@@ -51,9 +51,11 @@ def _saved_bytes(model, x, y) -> int:
 
 
 class _PeakTracker:
-    """Live bytes of the storages ops create (each once, freed with its last tensor): a CPU high-water mark."""
+    """Live bytes of the storages ops create (each once, freed with its last tensor): a CPU high-water mark.
+    Storages alive before the step (``existing``: weights, their pre-allocated grads, buffers, the batch) are not
+    the step's, even when an op returns them (an in-place ``add_`` into a grad, a ``detach`` of a weight)."""
 
-    def __new__(cls):
+    def __new__(cls, existing: set[int]):
         import weakref
 
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -77,6 +79,8 @@ class _PeakTracker:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         storage = t.untyped_storage()
                         key, nbytes = storage.data_ptr(), storage.nbytes()
+                        if key in existing:
+                            continue
                         if key not in self.refs:
                             self.refs[key] = 0
                             self.cur += nbytes
@@ -90,7 +94,8 @@ class _PeakTracker:
 
 def peak_cpu(model, x, y) -> int:
     """High-water mark of the bytes allocated by the step's ops (forward + backward), counted per storage."""
-    with _PeakTracker() as tracker:
+    before = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None), *model.buffers(), x, y]
+    with _PeakTracker({t.untyped_storage().data_ptr() for t in before}) as tracker:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
     return tracker.peak
