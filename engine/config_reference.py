@@ -62,7 +62,7 @@ HELP: dict[str, str] = {
     "train.amp": "autocast: off, bf16, or fp16 (with a GradScaler)",
     "train.channels_last": "channels_last memory format",
     "train.grad_checkpointing": "activation checkpointing of the model's blocks (timm's switch, ResNet stages, the local "
-                                "models): about a third more compute for less activation memory; BatchNorm stays exact",
+                                "models): one more forward of those blocks for less activation memory; BatchNorm stays exact",
     "train.compile": "torch.compile the whole model (our SyncBN traces with it)",
     "train.seed": "seed of the data order, augmentation and initialisation",
     "train.resume": "auto: continue the run in output_dir; none: a fresh run only; or a checkpoint path",
