@@ -26,6 +26,7 @@ from engine.bn import (
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
+from engine.bn.layers import first_order_only, refuse_second_derivative
 from engine.comm_debug import count_comm
 from engine.config import ModelConfig
 from engine.grad_checkpointing import enable_grad_checkpointing
@@ -157,6 +158,23 @@ def test_checkpointed_batchnorm_equals_plain_on_two_processes(two_ranks) -> None
 def test_a_gradient_penalty_through_syncbn_equals_batchnorm_on_the_global_batch(two_ranks) -> None:
     # relative to the largest gradient; the same formula in fp64 on the same numbers, another summation order
     assert max(r["second order"] for r in two_ranks) < 1e-12, two_ranks
+
+
+def test_torchs_kernels_refuse_a_second_derivative_in_one_line() -> None:
+    """torch's SyncBatchNorm (CUDA kernels, not differentiable twice) gets a hook from the converter: a backward
+    that builds a graph through a layer that synchronised raises; a first-order backward passes. (The hook acts
+    only where the layer synchronises, on CUDA with a process group: its gradient hook is checked here.)"""
+    torch_layer = convert_sync_batchnorm(nn.BatchNorm2d(3), impl="torch")
+    assert refuse_second_derivative in torch_layer._forward_hooks.values()
+    x = torch.randn(4, requires_grad=True)
+    y = x * x
+    y.register_hook(first_order_only)
+    with pytest.raises(RuntimeError, match="no second derivative .*syncbn.impl: ours"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    y = x * x
+    y.register_hook(first_order_only)
+    y.sum().backward()
+    assert torch.equal(x.grad, 2 * x.detach())
 
 
 def test_models_built_with_torch_syncbatchnorm_are_converted_and_reverted() -> None:

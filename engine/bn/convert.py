@@ -214,7 +214,9 @@ def convert_sync_batchnorm(
         own = getattr(bn, "process_group", None)  # a synchronised layer's own group stays
         group = own if own is not None else process_group
         if torch_kernels:
-            return _convert(bn, target, family, process_group=group)
+            new = _convert(bn, target, family, process_group=group)
+            new.register_forward_hook(layers.refuse_second_derivative)
+            return new
         new = _convert(bn, target, family, process_group=group, collective=collective)
         new.single_value_batches = torch.zeros((), dtype=torch.int64, device=device)
         return new

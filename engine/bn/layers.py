@@ -203,6 +203,23 @@ class TorchSyncBatchNormAct(_ThenDropAct, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` (its fused CUDA kernels), then ``drop``, then ``act``."""
 
 
+def refuse_second_derivative(module: nn.Module, inputs: Any, output: Tensor) -> None:
+    """Forward hook for torch's SyncBatchNorm (the converter adds it): its CUDA backward kernels are not
+    differentiable, so a backward that builds a graph (``create_graph=True``: a gradient penalty) through a layer
+    that synchronised stops with one line instead of a gradient nobody has checked. Ours is exact there."""
+    if torch.compiler.is_compiling() or not (module.training and isinstance(output, Tensor) and output.requires_grad):
+        return
+    if active_group(module.process_group) is not None:
+        output.register_hook(first_order_only)
+
+
+def first_order_only(grad: Tensor) -> None:
+    """A gradient hook: raise when this backward is itself to be differentiated (grad mode on inside backward)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("torch.nn.SyncBatchNorm's CUDA kernels have no second derivative (a gradient penalty through "
+                           "them); convert with impl='ours' (syncbn.impl: ours), which is exact there")
+
+
 class GhostBatchNormAct(_ThenDropAct, GhostBatchNorm):
     """:class:`GhostBatchNorm`, then ``drop``, then ``act``."""
 
