@@ -56,11 +56,9 @@ def enable_grad_checkpointing(model: nn.Module) -> list[str]:
                 return
             done.append(path or "the model")
             return
-        stages = {name for name, child in module.named_children()
-                  if _RESNET_STAGE.fullmatch(name) and type(child) in (nn.Sequential, CheckpointedSequential)}  # fmt: skip
         for name, child in module.named_children():
             where = f"{path}.{name}" if path else name
-            if name in stages:
+            if _RESNET_STAGE.fullmatch(name) and type(child) in (nn.Sequential, CheckpointedSequential):
                 checkpoint_stages(child)
                 done.append(where)
             else:

@@ -34,11 +34,10 @@ from engine.trainer import amp_dtype
 
 def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
     """``model`` moved to the run's device (channels_last with ``train.channels_last``, its blocks checkpointed with
-    ``train.grad_checkpointing``), every BatchNorm made
-    SyncBatchNorm over ``ctx.sync_group`` (each call checked to be the same layer on every rank with
-    ``syncbn.check_calls``), ghost BatchNorm, or local (synchronised layers the model came with made local too),
-    as ``syncbn.*`` resolved; a BatchNorm class no
-    converter knows is a one-line error naming it."""
+    ``train.grad_checkpointing``), every BatchNorm made SyncBatchNorm over ``ctx.sync_group`` (each call checked to
+    be the same layer on every rank with ``syncbn.check_calls``), ghost BatchNorm, or local (synchronised layers the
+    model came with made local too), as ``syncbn.*`` resolved; a BatchNorm class no converter knows, or a model
+    without blocks to checkpoint, is a one-line error naming it."""
     model = model.to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -14,7 +14,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -31,6 +30,7 @@ from engine.comm_debug import count_comm
 from engine.config import ModelConfig
 from engine.grad_checkpointing import enable_grad_checkpointing
 from engine.launch import spawn
+from engine.tasks import main_output
 from models import build_model
 from tests.helpers.jobs import (
     REPO_ROOT,
@@ -41,6 +41,7 @@ from tests.helpers.jobs import (
     tiny_overrides,
     torch_load,
 )
+from tests.helpers.syncbn import span, sum_over_group
 
 PER_RANK = 4
 POSITIONS = ("first", "middle", "last")
@@ -74,8 +75,9 @@ def _steps(block: nn.Module, rank: int, use_checkpoint: bool | None, steps: int 
     seen = []
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
-        x = torch.randn(2 * PER_RANK, 3, 5, 5, generator=g, dtype=torch.float64)[rank * PER_RANK:][:PER_RANK]
-        weights = torch.randn(2 * PER_RANK, 4, 5, 5, generator=g, dtype=torch.float64)[rank * PER_RANK:][:PER_RANK]
+        mine = span([PER_RANK] * 2, rank)  # this rank's rows of a global batch of two ranks' worth
+        x = torch.randn(2 * PER_RANK, 3, 5, 5, generator=g, dtype=torch.float64)[mine]
+        weights = torch.randn(2 * PER_RANK, 4, 5, 5, generator=g, dtype=torch.float64)[mine]
         x = x.clone().requires_grad_()
         out = block(x) if use_checkpoint is None else checkpoint(block, x, use_reentrant=use_checkpoint)
         (out * weights).sum().backward()
@@ -133,9 +135,8 @@ def _second_order(rank: int, world_size: int) -> float:
     the global batch: the worst difference, relative to the largest gradient."""
     x = torch.randn(world_size * PER_RANK, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     want = _penalty_grads(_penalty_net(), x)
-    got = _penalty_grads(convert_sync_batchnorm(_penalty_net(), impl="ours"), x[rank * PER_RANK:][:PER_RANK])
-    for g in got:
-        dist.all_reduce(g)
+    mine = _penalty_grads(convert_sync_batchnorm(_penalty_net(), impl="ours"), x[span([PER_RANK] * world_size, rank)])
+    got = [sum_over_group(g) for g in mine]
     largest = max(b.abs().max().item() for b in want)
     return max((a - b).abs().max().item() for a, b in zip(got, want)) / largest
 
@@ -250,5 +251,4 @@ def test_what_each_model_family_checkpoints(name) -> None:
     assert parts == expect
     with torch.no_grad():
         got = model(x)
-    got, want = (v["out"] if isinstance(v, dict) else v for v in (got, want))
-    assert torch.equal(got, want)
+    assert torch.equal(main_output(got), main_output(want))

@@ -248,8 +248,9 @@ def convert_local_batchnorm(module: nn.Module) -> nn.Module:
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Turn synchronised, ghost and converted local layers back into local BatchNorm, for inference and export: the
-    module each one replaced (same class, children and attributes; e.g. timm's ``BatchNormAct2d``), else its family's local layer
-    (:class:`AnyDimBatchNorm` for a layer torch converted). The same Parameter and buffer objects are kept."""
+    module each one replaced (same class, children and attributes; e.g. timm's ``BatchNormAct2d``), else its
+    family's local layer (:class:`AnyDimBatchNorm` for a layer torch converted). The same Parameter and buffer
+    objects are kept."""
 
     def build(bn: _BatchNorm, family: BatchNormFamily, path: str) -> nn.Module | None:
         original = getattr(bn, _ORIGINAL, None)

@@ -226,11 +226,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             )
         else:
             sum_dy_xhat, sum_dy = torch.zeros_like(mean), torch.zeros_like(mean)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
         grad_x = None
-        if need_x:
+        if ctx.needs_input_grad[0]:
             sums = _all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)
             mean_dy, mean_dy_xhat = (sums / count.clamp(min=1)).chunk(2)
             scale = torch.rsqrt(var + ctx.eps)
@@ -238,9 +235,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)): an affine map of x, plus dy * scale
             grad_x = _affine_of_x(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, ctx.eps)
             grad_x = grad_x.addcmul_(grad_out, _per_channel(scale, x.dim()))
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, *_parameter_grads(ctx, sum_dy_xhat, sum_dy), None, None, None, None, None, None
 
 
+def _parameter_grads(ctx: Any, sum_dy_xhat: Tensor, sum_dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(weight grad, bias grad): this rank's sums, in the parameters' dtypes, where the graph needs them."""
+    need_w, need_b = ctx.needs_input_grad[1:3]
+    grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+    return grad_weight, grad_bias
 
 
 def _differentiable_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -261,16 +264,13 @@ def _differentiable_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None,
     xhat = (shifted - _per_channel(offset, x.dim())) * _per_channel(invstd, x.dim())
     dy = grad_out.to(mean.dtype)
     sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
-    mean_dy, mean_dy_xhat = (all_reduce(torch.cat([sum_dy, sum_dy_xhat]), ctx.group) / n).chunk(2)
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_x = None
-    if need_x:
+    if ctx.needs_input_grad[0]:
+        mean_dy, mean_dy_xhat = (all_reduce(torch.cat([sum_dy, sum_dy_xhat]), ctx.group) / n).chunk(2)
         scale = invstd if weight is None else invstd * weight
         dx = dy - _per_channel(mean_dy, x.dim()) - xhat * _per_channel(mean_dy_xhat, x.dim())
         grad_x = (dx * _per_channel(scale, x.dim())).to(x.dtype)
-    grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_w and ctx.weight_dtype is not None else None
-    grad_bias = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-    return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+    return grad_x, *_parameter_grads(ctx, sum_dy_xhat, sum_dy), None, None, None, None, None, None
 
 
 class _DifferentiableAllReduce(torch.autograd.Function):

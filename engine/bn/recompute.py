@@ -77,13 +77,14 @@ def _scope(replay: bool) -> Any | None:
 def keep(layer: torch.nn.Module, stats: tuple[torch.Tensor, ...]) -> None:
     """In a first forward under a checkpoint, keep ``layer``'s statistics for its replay (else nothing)."""
     scope = _scope(replay=False)
-    if scope is not None:
-        kept = scope.__dict__.setdefault(_KEPT, {})
-        kept.setdefault(layer, deque()).append(stats)
+    if scope is None:
+        return
+    if not hasattr(scope, _KEPT):
+        setattr(scope, _KEPT, {})
+    getattr(scope, _KEPT).setdefault(layer, deque()).append(stats)
 
 
 def take(layer: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
     """In a replay, the statistics ``layer``'s first forward kept for this call, or None where none were kept."""
-    scope = _scope(replay=True)
-    queue = getattr(scope, "__dict__", {}).get(_KEPT, {}).get(layer) if scope is not None else None
+    queue = getattr(_scope(replay=True), _KEPT, {}).get(layer)
     return queue.popleft() if queue else None
