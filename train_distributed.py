@@ -83,12 +83,12 @@ from engine.optim import build_optimizer, build_scheduler, scaled_lr
 from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
 from engine.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
 from engine.step_events import StepEvents
-from engine.tasks import build_task
 from engine.train_state import TrainState
 from engine.trainer import SaveRun, TrainLoop, train_one_epoch
 from engine.watchdog import watch_steps
 from models import build_model
 from models.pretrained import fetch_weights
+from tasks import build_task
 
 
 def main(argv: list[str] | None = None) -> int:

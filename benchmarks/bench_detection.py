@@ -39,8 +39,8 @@ def _worker(rank: int, world_size: int, repeats: int, steps: int) -> dict:
     from engine.bn import check_layer_calls, convert_sync_batchnorm
     from engine.config import load_config
     from engine.inputs import InputPrep
-    from engine.tasks import DetectionTask
     from models import build_model
+    from tasks import DetectionTask
 
     torch.set_num_threads(1)
     cfg = load_config(str(REPO_ROOT / "configs" / "detection.yaml"), ["data.num_train=8"])

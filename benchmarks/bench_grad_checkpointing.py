@@ -24,8 +24,8 @@ from torch import nn  # noqa: E402
 from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.grad_checkpointing import enable_grad_checkpointing  # noqa: E402
-from engine.tasks import main_output  # noqa: E402
 from models import build_model  # noqa: E402
+from tasks import main_output  # noqa: E402
 
 CASES = [("small_segnet", 128, 4), ("deeplabv3_resnet50", 128, 2)]  # model, image side, images per rank
 CLASSES = 7

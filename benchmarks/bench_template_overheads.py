@@ -83,10 +83,10 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     from engine.optim import build_optimizer, build_scheduler
     from engine.preemption import StopSignal
     from engine.step_events import StepEvents
-    from engine.tasks import ClassificationTask
     from engine.train_state import TrainState
     from engine.trainer import TrainLoop, train_one_epoch
     from models import build_model
+    from tasks import ClassificationTask
 
     overrides = ["data.num_train=4096", "data.num_val=64", "train.print_freq=1000000", "train.progress_bar=false"]
     cfg = load_config(str(REPO_ROOT / "configs" / "default.yaml"), [*overrides, "data.augment=false"])

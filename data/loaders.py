@@ -21,7 +21,7 @@ from engine.config import Config, DataConfig
 from engine.distributed import cpus_per_process
 from engine.errors import DataError
 from engine.inputs import InputPrep
-from engine.tasks import IGNORE_INDEX
+from tasks import IGNORE_INDEX
 
 
 class GlobalStepSampler(Sampler[tuple[int, int]]):

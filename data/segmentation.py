@@ -19,7 +19,7 @@ from data.registry import DataError, DatasetPair, register_dataset
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, SegmentationTransform
 from engine.config import DataConfig
 from engine.errors import SampleError
-from engine.tasks import IGNORE_INDEX
+from tasks import IGNORE_INDEX
 
 VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

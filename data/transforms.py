@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.tasks import IGNORE_INDEX
+from tasks import IGNORE_INDEX
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -11,25 +11,28 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from engine.config_parsing import apply_override, build_dataclass, suggest_file
 from engine.errors import ConfigError
 
+if TYPE_CHECKING:
+    from tasks.registry import Task
+
 __all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
 
 
-TASKS = ("classification", "segmentation", "detection")
-DENSE_TASKS = ("segmentation", "detection")  # a statistic of one image is already many values (pixels, proposals)
-# what train.best_metric may name, per task (the task's first metric is its "auto")
-CLASSIFICATION_METRICS = ("val_acc1", "val_acc5", "val_acc1_ema", "val_acc5_ema")
-SEGMENTATION_METRICS = ("val_miou", "val_pixel_acc", "val_miou_ema", "val_pixel_acc_ema")
-DETECTION_METRICS = ("val_map", "val_map50", "val_map75", "val_map_ema", "val_map50_ema", "val_map75_ema")
-TASK_METRICS = {"classification": CLASSIFICATION_METRICS, "segmentation": SEGMENTATION_METRICS,
-                "detection": DETECTION_METRICS}  # fmt: skip
-BEST_METRICS = ("auto", *CLASSIFICATION_METRICS, *SEGMENTATION_METRICS, *DETECTION_METRICS)
+
+
+def task_of(cfg: Config) -> type[Task]:
+    """The task class ``cfg.task`` names (``tasks/``): its metric names, model family and density decide what the
+    config accepts. Imported when first asked, so ``--help`` and a malformed command line answer before torch's
+    import."""
+    from tasks import task_class
+
+    return task_class(cfg.task)
 
 
 @dataclass
@@ -98,7 +101,7 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(d, (1 + u) / (10 + u)) after u updates
     ema_every: int = 1  # optimizer steps between EMA updates
     ema_buffers: Literal["average", "copy", "precise"] = "copy"  # the EMA's BatchNorm buffers
-    best_metric: Literal[BEST_METRICS] = "auto"  # picks best.pt (auto: the task's first)
+    best_metric: str = "auto"  # picks best.pt: one of the task's metrics or the EMA's (auto: the task's first)
     print_freq: int = 20
     progress_bar: bool = True
     tensorboard: bool = True
@@ -141,7 +144,7 @@ class DebugConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
-    task: Literal[TASKS] = "classification"  # decides targets, loss and metrics
+    task: str = "classification"  # a registered task (tasks/): decides targets, loss and metrics
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -190,13 +193,15 @@ def resolve_task_defaults(cfg: Config) -> Config:
     is an error naming the ones this task has. Detection evaluates one image per batch unless told otherwise
     (``data.val_batch_size`` 0): a batch pads its images to a common size, which changes the predictions near the
     borders, so only single-image batches score the same at any world size (torchvision's reference does the same)."""
-    metrics = TASK_METRICS[cfg.task]
+    from tasks.registry import best_metrics
+
+    metrics = best_metrics(cfg.task)
     if cfg.train.best_metric not in ("auto", *metrics):
         raise ConfigError(f"train.best_metric: {cfg.train.best_metric} is not a metric of task {cfg.task} "
                           f"(it has {', '.join(metrics)})")
     train = dataclasses.replace(cfg.train, best_metric=metrics[0]) if cfg.train.best_metric == "auto" else cfg.train
     data = cfg.data
-    if cfg.task == "detection" and data.val_batch_size == 0:
+    if task_of(cfg).model_family == "detection" and data.val_batch_size == 0:
         data = dataclasses.replace(data, val_batch_size=1)
     return dataclasses.replace(cfg, train=train, data=data)
 
@@ -239,7 +244,7 @@ def resolve_norm_batch(cfg: Config, world_size: int) -> Config:
     if n == 0:
         return cfg
     # a segmentation net normalises over pixels too: a statistic of one image is still many values
-    choices = norm_batch_choices(batch, world_size, smallest=1 if cfg.task in DENSE_TASKS else 2)
+    choices = norm_batch_choices(batch, world_size, smallest=1 if task_of(cfg).dense else 2)
     if n not in choices:
         below = [c for c in choices if c < n][-1:]
         above = [c for c in choices if c > n][:1]
@@ -260,6 +265,7 @@ def resolve_norm_batch(cfg: Config, world_size: int) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values with the key that holds them."""
+    task = task_of(cfg)
     checks = [
         (cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1 (it is per process)"),
@@ -304,14 +310,14 @@ def validate(cfg: Config) -> None:
         (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
          f"must divide data.batch_size ({cfg.data.batch_size})"),
         # (a dense net normalises over pixels too: one image per statistic is a batch of H x W values)
-        (cfg.syncbn.enabled or cfg.task in DENSE_TASKS or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
+        (cfg.syncbn.enabled or task.dense or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
          "data.batch_size", "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
         (cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must be >= 0 (0 = no auxiliary head)"),
-        (cfg.task == "segmentation" or cfg.model.aux_loss_weight == 0, "model.aux_loss_weight",
-         "needs task: segmentation"),
+        (task.model_family == "segmentation" or cfg.model.aux_loss_weight == 0, "model.aux_loss_weight",
+         "needs a segmentation task"),
         (cfg.data.base_size >= 0, "data.base_size", "must be >= 0 (0 = images as stored)"),
         (cfg.data.aspect_ratio_group_factor >= 0, "data.aspect_ratio_group_factor", "must be >= 0 (0 = off)"),
-        (cfg.task == "detection" or not cfg.model.unfreeze_bn, "model.unfreeze_bn", "needs task: detection"),
+        (task.model_family == "detection" or not cfg.model.unfreeze_bn, "model.unfreeze_bn", "needs a detection task"),
         (len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
          "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),

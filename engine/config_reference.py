@@ -12,8 +12,8 @@ from engine.config import Config, config_to_dict
 # One line per key: what it means.
 HELP: dict[str, str] = {
     "output_dir": "everything the run writes (one run, one global batch per directory)",
-    "task": "classification, segmentation or detection: decides targets, loss, metrics (README: Segmentation, "
-            "Detection)",
+    "task": "classification, segmentation, detection or your own (tasks/): decides targets, loss, metrics "
+            "(README: Your own task)",
     "model.name": "registry name: a local model, a torchvision model, timm/<name> or smp/<Architecture>",
     "model.num_classes": "number of outputs (must match the dataset)",
     "model.pretrained": "the library's weights, fetched once per node into its cache (README: Pretrained weights)",
@@ -75,8 +75,8 @@ HELP: dict[str, str] = {
     "train.ema_warmup": "EMA decay warmup: min(decay, (1 + u) / (10 + u)) after u updates",
     "train.ema_every": "optimizer steps between EMA updates",
     "train.ema_buffers": "the EMA's BatchNorm buffers: average (like the weights), copy (the model's), or precise",
-    "train.best_metric": "the metric that picks best.pt; auto: val_acc1 (classification), val_miou (segmentation), "
-                         "val_map (detection)",
+    "train.best_metric": "the metric that picks best.pt, one of the task's (or its EMA's: <name>_ema); auto: "
+                         "its first (val_acc1, val_miou, val_map)",
     "train.print_freq": "steps between console lines and per-step TensorBoard points",
     "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
     "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,9 +14,11 @@ from engine.bn import RunningStatistics
 from engine.config import TrainConfig
 from engine.ema import ModelEma
 from engine.inputs import InputPrep
-from engine.tasks import Task
 from engine.trainer import autocast
 from engine.watchdog import enter, progress
+
+if TYPE_CHECKING:
+    from tasks.registry import Task  # the interface only: engine/ imports no task
 
 
 @torch.no_grad()

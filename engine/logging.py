@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from engine.config import Config, config_to_dict, global_batch_size, normalisation_batch
+from engine.config import Config, config_to_dict, global_batch_size, normalisation_batch, task_of
 from engine.distributed import DistContext, launch_rank, record_error_for_launcher
 from engine.errors import UserError
 from engine.grad_checkpointing import CheckpointedSequential
@@ -84,11 +84,11 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float)
 def _image_size(cfg: Config, model: torch.nn.Module) -> str:
     """The images the model sees: classification's side, segmentation's training crop (and its evaluation size), the
     short side a detector resizes to (torchvision's ``transform``: several in training is scale jitter)."""
-    resize = getattr(model, "transform", None)
-    if cfg.task == "detection" and hasattr(resize, "min_size"):
+    resize, family = getattr(model, "transform", None), task_of(cfg).model_family
+    if family == "detection" and hasattr(resize, "min_size"):
         sides = "/".join(map(str, resize.min_size))
         return f"short side {sides} px (max {resize.max_size}), resized by the model"
-    if cfg.task == "segmentation":
+    if family == "segmentation":
         evaluation = f"short side {cfg.data.base_size}" if cfg.data.base_size else "as stored"
         return f"{cfg.data.image_size} px crops, evaluated {evaluation}"
     return f"{cfg.data.image_size} px"

@@ -6,7 +6,7 @@ so that they cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,8 +28,10 @@ from engine.distributed import DistContext
 from engine.ema import ModelEma
 from engine.errors import ModelError
 from engine.grad_checkpointing import enable_grad_checkpointing
-from engine.tasks import Task
 from engine.trainer import amp_dtype
+
+if TYPE_CHECKING:
+    from tasks.registry import Task  # the interface only: engine/ imports no task
 
 
 def prepare_model(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ from engine.config import TrainConfig
 from engine.faults import FaultInjector
 from engine.inputs import InputPrep
 from engine.step_events import StepEvents
-from engine.tasks import Task
 from engine.train_state import TrainState
 from engine.watchdog import enter, progress
+
+if TYPE_CHECKING:
+    from tasks.registry import Task  # the interface only: engine/ imports no task
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.errors import ModelError
 from models.pretrained import from_the_cache
+from tasks.registry import model_family
 
 
 def _library(module: str, package: str) -> object:
@@ -27,7 +28,7 @@ def build_timm(name: str, cfg: ModelConfig, task: str) -> nn.Module:
     """``timm/<name>``: a timm classifier with ``model.num_classes`` outputs; ``model.kwargs`` go to
     ``timm.create_model`` (e.g. ``drop_rate``, ``drop_path_rate``, ``in_chans``)."""
     timm = _library("timm", "timm")
-    if task != "classification":
+    if model_family(task) != "classification":
         raise ModelError(f"model.name: timm/{name} is a classification model but task is {task}; for segmentation "
                          f"use a timm encoder in smp: model.name=smp/Unet model.kwargs={{encoder_name: tu-{name}}}")
     if not timm.is_model(name):
@@ -52,7 +53,7 @@ def build_smp(arch: str, cfg: ModelConfig, task: str) -> nn.Module:
         hint = f" (did you mean 'smp/{close[0]}'?)" if close else ""
         raise ModelError(f"model.name: segmentation_models_pytorch has no architecture '{arch}'{hint}; "
                          f"known: {', '.join(sorted(architectures))}")
-    if task != "segmentation":
+    if model_family(task) != "segmentation":
         raise ModelError(f"model.name: smp/{arch} is a segmentation model but task is {task}; set task: segmentation")
     if cfg.aux_loss_weight > 0:
         raise ModelError(f"model.aux_loss_weight: smp/{arch} has no auxiliary segmentation head (set it to 0)")

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from engine.config import ModelConfig
 from engine.errors import ModelError
+from tasks.registry import model_family
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _torchvision_files(cfg: ModelConfig, task: str) -> list[WeightFile]:
     builder = tvm.get_model_builder(cfg.name)
     hints = typing.get_type_hints(builder)
     # segmentation and detection heads are new (sized by num_classes): only the backbone's weights are fetched
-    parameter = "weights_backbone" if task in ("segmentation", "detection") else "weights"
+    parameter = "weights_backbone" if model_family(task) in ("segmentation", "detection") else "weights"
     value = cfg.kwargs.get(parameter, "DEFAULT")
     if value is None:
         return []

@@ -13,6 +13,7 @@ from engine.errors import ModelError
 from models.detection import build_torchvision_detector
 from models.libraries import build_smp, build_timm
 from models.pretrained import from_the_cache
+from tasks.registry import MODEL_FAMILIES, model_family
 
 __all__ = ["MODELS", "ModelError", "build_model", "register_model"]
 
@@ -24,7 +25,8 @@ MODEL_TASKS: dict[str, str] = {}  # local model name -> the task its output is f
 
 
 def register_model(name: str, task: str = "classification") -> Callable[[Builder], Builder]:
-    """Make ``model.name: <name>`` build this; the builder gets ``num_classes`` and ``model.kwargs``. A
+    """Make ``model.name: <name>`` build this for the tasks of family ``task`` (classification, segmentation or
+    detection); the builder gets ``num_classes`` and ``model.kwargs``. A
     classification model returns logits (N, classes); a segmentation model logits (N, classes, H, W) at the input's
     size (or a lower one: the loss upsamples), or torchvision's ``{"out": ..., "aux": ...}``; a detection model is
     called as torchvision's detectors are (``models/detection.py``)."""
@@ -46,7 +48,7 @@ def _torchvision_models(task: str) -> list[str]:
 def _task_of(name: str) -> str | None:
     if name in MODELS:
         return MODEL_TASKS[name]
-    for task in ("classification", "segmentation", "detection"):
+    for task in MODEL_FAMILIES:
         if name in _torchvision_models(task):
             return task
     return None
@@ -57,9 +59,11 @@ def _local(task: str) -> str:
 
 
 def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
-    """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs for ``task``, on the CPU, in float32. With
-    ``cfg.pretrained`` its weights are fetched into the library's cache first (a no-op when some process of the
-    job fetched them already) and the build reads that cache only."""
+    """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs for ``task`` (any model of the task's
+    family: a classifier serves every classification-family task), on the CPU, in float32. With ``cfg.pretrained``
+    its weights are fetched into the library's cache first (a no-op when some process of the job fetched them
+    already) and the build reads that cache only."""
+    task = model_family(task)
     library, _, name = cfg.name.partition("/")
     if library in LIBRARIES and name:
         return LIBRARIES[library](name, cfg, task)

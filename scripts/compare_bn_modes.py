@@ -47,8 +47,8 @@ from engine.config import Config, load_config  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
 from engine.launch import child_env  # noqa: E402
 from engine.model_setup import precise_forward  # noqa: E402
-from engine.tasks import build_task  # noqa: E402
 from models import build_model  # noqa: E402
+from tasks import build_task  # noqa: E402
 
 MODES = ("local", "ghost", "sync", "local+precise", "sync+precise")
 

@@ -31,6 +31,7 @@ from engine.bn import revert_sync_batchnorm  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.logging import exit_code  # noqa: E402
 from scripts.trained_model import Logits, TrainedModel, load_trained_model  # noqa: E402
+from tasks import task_class  # noqa: E402
 
 ATOL, RTOL = 1e-4, 1e-4  # exported vs eager, float32 on the CPU (the same kernels, other fusion orders)
 
@@ -92,7 +93,7 @@ def export(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--ema", action="store_true", help="the EMA's weights (a run with train.ema_decay)")
     args = parser.parse_args(argv)
     trained = load_trained_model(args.checkpoint, ema=args.ema)
-    if trained.cfg.task == "detection":  # torchvision's box decoding and NMS keep data-dependent sizes
+    if task_class(trained.cfg.task).model_family == "detection":  # torchvision's box decoding and NMS keep data-dependent sizes
         raise UserError(f"{args.checkpoint}: a detection model does not export with torch.export (its non-maximum "
                         "suppression yields data-dependent shapes); use scripts/predict.py, or the checkpoint's "
                         "weights with torchvision")

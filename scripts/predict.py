@@ -8,7 +8,8 @@ evaluated with.
     python scripts/predict.py --checkpoint ... --top-k 3 --batch-size 64 --device cuda --ema --out predictions.jsonl
 
 Classification prints one line per image (``path: class 97.1%, class 1.4%, ...``) and, with ``--out FILE``, writes
-a JSON object per line (path, top classes, probabilities). Segmentation writes ``<out>/<image name>.png``: the class
+a JSON object per line (path, top classes, probabilities); a task of your own describes its images itself
+(``Task.predict``). Segmentation writes ``<out>/<image name>.png``: the class
 index per pixel at the image's own size (a palette PNG with VOC's colours: class 0 black). Detection prints one line
 per image (``path: class 98.2% [x1, y1, x2, y2], ...``, in the image's pixels, scores of at least ``--min-score``)
 and, with ``--out FILE``, writes them as a JSON object per line. Images are decoded, resized and cropped as the
@@ -37,6 +38,7 @@ from engine.errors import UserError  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
 from engine.logging import exit_code  # noqa: E402
 from scripts.trained_model import Logits, TrainedModel, load_trained_model  # noqa: E402
+from tasks import Task, task_class  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,17 +80,16 @@ def batches(paths: list[str], trained: TrainedModel, size: int) -> Iterator[tupl
 
 
 @torch.no_grad()
-def classify(paths: list[str], trained: TrainedModel, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def classify(paths: list[str], trained: TrainedModel, task: Task, args: argparse.Namespace,
+             device: torch.device) -> list[dict]:  # fmt: skip
+    """A classification-family task: batches of logits, each image described by the task's ``predict``."""
     model = Logits(trained.model).to(device)
     inputs = InputPrep(device, trained.preprocessing.mean, trained.preprocessing.std)
-    k = max(1, min(args.top_k, len(trained.class_names) - 1))
     results = []
     for chunk, images in batches(paths, trained, args.batch_size):
-        probabilities = model(inputs(images)).float().softmax(1)
-        top = probabilities.topk(k, dim=1)
-        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            results.append({"path": path, "classes": [trained.class_names[i] for i in indices],
-                            "indices": indices, "probabilities": values})  # fmt: skip
+        for path, (line, record) in zip(chunk, task.predict(model(inputs(images)), trained.class_names, args.top_k)):
+            print(f"{path}: {line}")
+            results.append({"path": path, **record})
     return results
 
 
@@ -140,21 +141,22 @@ def predict(argv: list[str] | None = None) -> list:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     trained = load_trained_model(args.checkpoint, ema=args.ema)
+    task = task_class(trained.cfg.task)
+    if task.model_family == "classification" and task.predict is Task.predict:
+        raise UserError(f"{args.checkpoint}: task {trained.cfg.task} has no prediction format (give its class in "
+                        "tasks/ a predict method)")  # fmt: skip
     paths = image_paths(args.inputs)
-    if trained.cfg.task == "segmentation":
+    if task.model_family == "segmentation":
         written = segment(paths, trained, args.out or "predictions", device)
         print(f"wrote {len(written)} masks to {args.out or 'predictions'}/")
         return written
-    if trained.cfg.task == "detection":
+    if task.model_family == "detection":
         results = detect(paths, trained, args.min_score, device)
         for r in results:
             print(f"{r['path']}: " + (", ".join(f"{c} {100 * p:.1f}% {box}" for c, p, box in
                                                 zip(r["classes"], r["scores"], r["boxes"])) or "nothing found"))  # fmt: skip
-        _write_jsonl(results, args.out)
-        return results
-    results = classify(paths, trained, args, device)
-    for r in results:
-        print(f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(r["classes"], r["probabilities"])))
+    else:
+        results = classify(paths, trained, task.from_config(trained.cfg), args, device)
     _write_jsonl(results, args.out)
     return results
 

@@ -33,8 +33,8 @@ from engine.evaluation import evaluate  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
 from engine.logging import exit_code, format_metrics, setup_logger  # noqa: E402
 from engine.model_setup import precise_forward, prepare_model, settle_policy  # noqa: E402
-from engine.tasks import build_task  # noqa: E402
 from models import build_model  # noqa: E402
+from tasks import build_task  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

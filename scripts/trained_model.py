@@ -15,8 +15,8 @@ from engine.bn import revert_sync_batchnorm
 from engine.checkpoint import check_model_compatible, load_checkpoint, strip_prefixes
 from engine.config import Config, config_from_dict
 from engine.errors import CheckpointError
-from engine.tasks import main_output
 from models import build_model
+from tasks import main_output
 
 
 @dataclass

@@ -21,8 +21,8 @@ from data import build_datasets
 from engine.bn import convert_sync_batchnorm
 from engine.config import load_config
 from engine.optim import build_optimizer
-from engine.tasks import IGNORE_INDEX, build_task
 from models import build_model
+from tasks import IGNORE_INDEX, build_task
 
 
 def _global_batch(cfg, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,18 +177,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.nproc < 2 and "WORLD_SIZE" not in os.environ:
         parser.error("--nproc must be at least 2 (one process never synchronises anything)")
-    if args.config and _task_of_config(args.config, parser) == "detection":
+    if args.config and _model_family_of_config(args.config, parser) == "detection":
         parser.error("--config: a detection config cannot be checked against one process (each rank samples its "
                      "own proposals at random); check the SyncBN layers without --config and the detector by training")
     return args
 
 
-def _task_of_config(path: str, parser: argparse.ArgumentParser) -> str:
-    from engine.config import load_config
+def _model_family_of_config(path: str, parser: argparse.ArgumentParser) -> str:
+    from engine.config import load_config, task_of
     from engine.errors import ConfigError
 
     try:
-        return load_config(path).task
+        return task_of(load_config(path)).model_family
     except ConfigError as exc:
         parser.error(str(exc))
 

@@ -30,8 +30,8 @@ from engine.comm_debug import count_comm
 from engine.config import ModelConfig
 from engine.grad_checkpointing import enable_grad_checkpointing
 from engine.launch import spawn
-from engine.tasks import main_output
 from models import build_model
+from tasks import main_output
 from tests.helpers.jobs import (
     REPO_ROOT,
     error_lines,

@@ -22,9 +22,9 @@ from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.inputs import InputPrep
 from engine.launch import spawn
-from engine.tasks import DetectionTask
 from models import build_model
 from models.detection import unfreeze_batchnorm
+from tasks import DetectionTask
 from tests.helpers.coco import NUM_CLASSES, make_coco
 from tests.helpers.jobs import (
     REPO_ROOT,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.jobs import REPO_ROOT, child_env
+from tests.helpers.jobs import REPO_ROOT, child_env, copy_repository
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +55,7 @@ def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("train_distributed.py", "configs", "engine", "data", "models", "scripts"):
-        source = REPO_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
-    return root
+    return copy_repository(tmp_path_factory.mktemp("readme") / "repo")
 
 
 def test_the_readme_shows_the_commands_this_test_runs() -> None:

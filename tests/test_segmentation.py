@@ -22,8 +22,8 @@ from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.inputs import InputPrep
 from engine.launch import spawn
-from engine.tasks import IGNORE_INDEX, SegmentationTask, main_output
 from models import build_model
+from tasks import IGNORE_INDEX, SegmentationTask, main_output
 from tests.helpers.jobs import (
     REPO_ROOT,
     child_env,

@@ -12,8 +12,8 @@ from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.inputs import InputPrep
 from engine.launch import spawn
-from engine.tasks import ClassificationTask
 from models import build_model
+from tasks import ClassificationTask
 from tests.helpers.jobs import metric_records, run_train, tiny_overrides
 
 # ----------------------------------------------------------------------------- exact evaluation

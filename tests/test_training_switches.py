@@ -18,9 +18,9 @@ from engine.inputs import InputPrep
 from engine.launch import spawn
 from engine.preemption import StopSignal
 from engine.step_events import StepEvents
-from engine.tasks import ClassificationTask
 from engine.train_state import TrainState
 from engine.trainer import TrainLoop, train_one_epoch
+from tasks import ClassificationTask
 
 FEATURES, CLASSES = 6, 3
 

@@ -60,14 +60,19 @@ def _yaml_text(value: object) -> str:
 
 
 def train_command(
-    args: Sequence[str], nproc: int = 1, launcher_args: Sequence[str] = (), config: str | None = None
+    args: Sequence[str],
+    nproc: int = 1,
+    launcher_args: Sequence[str] = (),
+    config: str | None = None,
+    repo: Path = REPO_ROOT,
 ) -> list[str]:
     """The command line: plain python for one process, torchrun (``--standalone`` unless given) for more.
 
     ``launcher_args`` go to torchrun (e.g. ``--max-restarts=2``); with them or ``nproc > 1`` torchrun is used.
     ``config`` (default: the repo's ``configs/default.yaml``) becomes ``--config``; pass ``args`` only to omit it.
+    ``repo``: the repository whose ``train_distributed.py`` runs (a copy a test changed, as a user would).
     """
-    script = [TRAIN_SCRIPT, "--config", config or str(REPO_ROOT / "configs" / "default.yaml"), *args]
+    script = [str(repo / "train_distributed.py"), "--config", config or str(repo / "configs" / "default.yaml"), *args]
     if nproc == 1 and not launcher_args:
         return [sys.executable, *script]
     explicit = any(a.startswith(("--rdzv", "--master", "--nnodes")) for a in launcher_args)
@@ -84,9 +89,11 @@ def start_train(
     config: str | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> subprocess.Popen:
-    """Start a job in a new session (its own process group) and return it; stdout/stderr are pipes."""
+    """Start a job in a new session (its own process group) and return it; stdout/stderr are pipes. A ``cwd``
+    holding a copy of the repository (:func:`copy_repository`) runs that copy's code."""
+    repo = Path(cwd) if cwd is not None and (Path(cwd) / "train_distributed.py").exists() else REPO_ROOT
     return subprocess.Popen(
-        train_command(args, nproc, launcher_args, config),
+        train_command(args, nproc, launcher_args, config, repo),
         cwd=str(cwd or REPO_ROOT),
         env=child_env(env),
         stdout=subprocess.PIPE,
@@ -94,6 +101,21 @@ def start_train(
         text=True,
         start_new_session=True,
     )
+
+
+def copy_repository(root: Path) -> Path:
+    """The repository's code and configs copied to ``root`` (no git, no runs): where a test changes files as a user
+    would (their own task, the README's commands writing ``runs/``)."""
+    import shutil
+
+    root.mkdir(parents=True)
+    for name in ("train_distributed.py", "configs", "engine", "data", "models", "tasks", "scripts"):
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, root / name)
+    return root
 
 
 def kill_job(proc: subprocess.Popen) -> None:

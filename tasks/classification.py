@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engine.distributed import all_reduce_sum
-from engine.tasks.common import OutputLossTask, main_output
+from tasks.registry import OutputLossTask, main_output, register_task
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 
+@register_task("classification")
 class ClassificationTask(OutputLossTask):
     """Integer labels; cross-entropy; top-1 and top-5 accuracy (percent; top-5 only with more than 5 classes, where
     it says something: ``num_classes`` 0 = not known)."""
 
+    metrics = ("val_acc1", "val_acc5")
+
     def __init__(self, label_smoothing: float = 0.0, num_classes: int = 0) -> None:
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
+
+    @classmethod
+    def from_config(cls, cfg: Config, ground_truth: dict[str, Any] | None = None) -> ClassificationTask:
+        return cls(cfg.train.label_smoothing, cfg.model.num_classes)
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(output, targets, label_smoothing=self.label_smoothing)
 
     def scorer(self, device: torch.device) -> ClassificationScorer:
         return ClassificationScorer(device, top5=self.num_classes == 0 or self.num_classes > 5)
+
+    def predict(self, logits: Tensor, class_names: list[str], top_k: int) -> list[tuple[str, dict[str, Any]]]:
+        """The ``top_k`` most probable classes (softmax), at most all but one."""
+        top = logits.float().softmax(1).topk(max(1, min(top_k, len(class_names) - 1)), dim=1)
+        results = []
+        for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+            classes = [class_names[i] for i in indices]
+            line = ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(classes, values))
+            results.append((line, {"classes": classes, "indices": indices, "probabilities": values}))
+        return results
 
 
 class ClassificationScorer:

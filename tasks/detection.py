@@ -10,24 +10,36 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from engine.distributed import gather_objects, rank0_decides
-from engine.tasks.common import Task
+from tasks.registry import Task, register_task
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 Target = dict[str, Any]  # "boxes" (n, 4) float x1 y1 x2 y2 in pixels, "labels" (n,) int64, "image_id" int
 
 
+@register_task("detection")
 class DetectionTask(Task):
     """The sum of the model's loss dict (torchvision's detectors: classifier, box regression, objectness, RPN box
     regression); COCO box mAP at IoU 0.5:0.95, 0.5 and 0.75 (percent). ``ground_truth``: the validation split as a
     COCO instances dict (``images``, ``annotations``, ``categories``)."""
 
+    metrics = ("val_map", "val_map50", "val_map75")
+    model_family = "detection"
+    dense = True
+
     def __init__(self, ground_truth: dict[str, Any]) -> None:
         self.ground_truth = ground_truth
+
+    @classmethod
+    def from_config(cls, cfg: Config, ground_truth: dict[str, Any] | None = None) -> DetectionTask:
+        return cls(ground_truth)
 
     def training_loss(self, model: nn.Module, images: list[Tensor], targets: list[Target]) -> Tensor:
         return sum(model(images, targets).values())

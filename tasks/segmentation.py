@@ -3,22 +3,36 @@ int64 confusion matrix summed across ranks: the same scores at any world size, t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engine.distributed import all_reduce_sum
-from engine.tasks.common import IGNORE_INDEX, OutputLossTask, main_output
+from tasks.registry import OutputLossTask, main_output, register_task
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+IGNORE_INDEX = 255  # mask value of pixels that count for nothing (VOC's object borders, crop padding)
 
 
+@register_task("segmentation")
 class SegmentationTask(OutputLossTask):
     """Integer masks (N, H, W) with ``IGNORE_INDEX`` for pixels that do not count; per-pixel cross-entropy (plus
     ``aux_weight`` x the auxiliary head's, when the model has one); pixel accuracy and IoU (percent)."""
 
+    metrics = ("val_miou", "val_pixel_acc")
+    model_family = "segmentation"
+    dense = True
+
     def __init__(self, num_classes: int, aux_weight: float = 0.0, label_smoothing: float = 0.0) -> None:
         self.num_classes, self.aux_weight, self.label_smoothing = num_classes, aux_weight, label_smoothing
+
+    @classmethod
+    def from_config(cls, cfg: Config, ground_truth: dict[str, Any] | None = None) -> SegmentationTask:
+        return cls(cfg.model.num_classes, cfg.model.aux_loss_weight, cfg.train.label_smoothing)
 
     def loss(self, output: Tensor | dict[str, Tensor], targets: Tensor) -> Tensor:
         loss = self._pixel_loss(main_output(output), targets)
