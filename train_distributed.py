@@ -59,7 +59,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import build_datasets
-from data.loaders import build_precise_batches, build_train_loader, build_val_loader, steps_per_epoch
+from data.loaders import (
+    GlobalStepSampler,
+    aspect_ratio_groups,
+    build_precise_batches,
+    build_train_loader,
+    build_val_loader,
+    samples_file,
+    steps_per_epoch,
+)
 from engine.bn import LayerCallsDiffer
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer
 from engine.config import global_batch_size
@@ -115,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.compile:
         model = torch.compile(model)
 
-    # 4. data: DistributedSampler for training, an exact (unpadded) sharding for evaluation
+    # 4. data: a DistributedSampler for training (whose global steps are the same samples at any world size), an
+    # exact (unpadded) sharding for evaluation
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
     task = build_task(cfg, datasets.ground_truth)  # the loss of a batch, the validation scores
     pin = ctx.device.type == "cuda"
-    record = f"{cfg.output_dir}/samples_rank{ctx.rank}.txt" if cfg.debug.record_samples else None  # a test hook
-    train_loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, pin,
-                                      cfg.train.accumulate_steps, record)
+    train_sampler = GlobalStepSampler(
+        datasets.train, ctx.world_size, ctx.rank, cfg.train.seed, cfg.data.drop_last, batch_size=cfg.data.batch_size,
+        accumulate_steps=cfg.train.accumulate_steps,
+        groups=aspect_ratio_groups(datasets.train, cfg.data.aspect_ratio_group_factor),  # detection: one shape a step
+        record=samples_file(cfg, ctx.rank),  # debug.record_samples (tests): the indices this rank trains on
+    )
+    train_loader = build_train_loader(datasets.train, cfg.data, train_sampler, cfg.train.seed, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     # uint8 images become float, normalised and channels_last on the device, once per batch
     inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                             faults=faults, log_enabled=ctx.is_main)
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
+            train_sampler.set_epoch(state.epoch, start_step=state.epoch_step)  # a resume continues at its sample
             trained = train_one_epoch(loop, train_loader, state, events)
             if trained.stopped:
                 save(state)
@@ -173,21 +187,21 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
-            metrics = evaluate_run(state.step)
-            record = {
+            scores = evaluate_run(state.step)
+            metrics = {
                 "epoch": state.epoch + 1,
                 "train_loss": state.train_loss,
-                **metrics,
+                **scores,
                 "lr": optimizer.param_groups[0]["lr"],
                 "samples_per_s": trained.steps * global_batch / trained.seconds,  # training only
                 "train_time_s": trained.seconds,
                 "epoch_time_s": time.perf_counter() - epoch_start,  # training and evaluation
             }
-            is_best = state.finish_epoch(record, cfg.train.best_metric)
+            is_best = state.finish_epoch(metrics, cfg.train.best_metric)
             save(state, is_best)
-            writer.write(record, step=state.epoch)
+            writer.write(metrics, step=state.epoch)
             per_epoch = (time.perf_counter() - run_start) / (state.epoch - first_epoch)
-            log_epoch(record, cfg.train.epochs, eta_s=per_epoch * (cfg.train.epochs - state.epoch))
+            log_epoch(metrics, cfg.train.epochs, eta_s=per_epoch * (cfg.train.epochs - state.epoch))
     barrier()  # leave together: a rank tearing down its process group while a peer still writes can abort in gloo
     log.info(f"done: best {state.best_metric} {state.best_value:.2f}; checkpoints in {cfg.output_dir}/{CHECKPOINT_DIR}")
     return 0

@@ -5,7 +5,7 @@
 
 For configs/default.yaml (synthetic data, small_cnn) and configs/cifar10_resnet18.yaml (its workers and batch, on a
 generated fake CIFAR-10 folder in torchvision's python-pickle format), it measures in one process, alternating:
-  loader   samples/s of rank 0's train loader of a 2-rank job (build_train_loader: ResumableDistributedSampler,
+  loader   samples/s of rank 0's train loader of a 2-rank job (build_train_loader: GlobalStepSampler,
            SeededAugmentation, the configured data.num_workers), one epoch per repeat, first batch excluded
            (worker start-up is counted in the launch figure instead);
   model    samples/s one rank's training step consumes (forward + backward + SGD, one thread, local BN, at least
@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import REPO_ROOT, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
 
 from data import build_datasets  # noqa: E402
-from data.loaders import build_train_loader  # noqa: E402
+from data.loaders import GlobalStepSampler, build_train_loader  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.launch import child_env  # noqa: E402
 from models import build_model  # noqa: E402
@@ -75,7 +75,8 @@ def loader_vs_model(name: str, overrides: list[str], repeats: int) -> dict:
     cfg = load_config(str(REPO_ROOT / CONFIGS[name]), overrides)
     torch.set_num_threads(1)
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
-    loader = build_train_loader(datasets.train, cfg.data, cfg.train.seed, rank=0, world_size=2, pin_memory=False)
+    sampler = GlobalStepSampler(datasets.train, 2, 0, cfg.train.seed, batch_size=cfg.data.batch_size)
+    loader = build_train_loader(datasets.train, cfg.data, sampler, cfg.train.seed, pin_memory=False)
     model = build_model(cfg.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images, labels = next(iter(_epoch(loader, 0)))

@@ -73,7 +73,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from data import build_datasets
-    from data.loaders import build_train_loader, build_val_loader
+    from data.loaders import GlobalStepSampler, build_train_loader, build_val_loader
     from engine.agreement import start_agreement
     from engine.bn import convert_sync_batchnorm
     from engine.config import load_config
@@ -102,9 +102,13 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     data, data_aug = build_datasets(cfg.data, 10, 0), build_datasets(cfg_aug.data, 10, 0)
     images, labels = data.train.images, data.train.labels
     x, y = images[:32], labels[:32]
-    train_loader = build_train_loader(data.train, cfg.data, 0, rank, world, False)
-    batches = _endless(build_train_loader(data.train, cfg.data, 0, rank, world, False))
-    batches_aug = _endless(build_train_loader(data_aug.train, cfg_aug.data, 0, rank, world, False))
+    def train_loader_of(dataset):
+        sampler = GlobalStepSampler(dataset, world, rank, batch_size=cfg.data.batch_size)
+        return build_train_loader(dataset, cfg.data, sampler, 0, False)
+
+    train_loader = train_loader_of(data.train)
+    batches = _endless(train_loader_of(data.train))
+    batches_aug = _endless(train_loader_of(data_aug.train))
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
     loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), InputPrep(torch.device("cpu")))
     events = StepEvents(cfg.train, raw, opt, STEPS_PER_EPOCH, 32 * world, StopSignal(), save=lambda state: None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data.distributed import DistributedSampler
 
 from engine.config import Config, DataConfig
 from engine.distributed import cpus_per_process
@@ -24,11 +25,12 @@ from engine.inputs import InputPrep
 from tasks import IGNORE_INDEX
 
 
-class GlobalStepSampler(Sampler[tuple[int, int]]):
-    """This rank's share of each global step of an epoch, as contiguous blocks, each index tagged with its epoch.
+class GlobalStepSampler(DistributedSampler):
+    """torch's DistributedSampler, cut into global steps: this rank's share of each step as contiguous blocks, each
+    index tagged with its epoch (``(index, epoch)``, so augmentation is seeded per (seed, epoch, sample)).
 
     An epoch is a permutation of the dataset (seeded by ``seed + epoch``, as DistributedSampler's) cut into global
-    steps of G = world x accumulation x batch samples. Within step k, micro-step m, rank r takes positions
+    steps of G = replicas x accumulation x batch samples. Within step k, micro-step m, rank r takes positions
     ``k G + m (W b) + r b ... + b - 1``. So a global step holds the same samples at any world size, and each micro-step
     the same block of W b samples: the normalisation groups (SyncBN over consecutive ranks, one rank's batch, ghost
     splits of it) cover the same samples at any world size too, and a run can change its number of processes
@@ -38,32 +40,35 @@ class GlobalStepSampler(Sampler[tuple[int, int]]):
     ``groups`` (a group id per sample, as detection's aspect-ratio bins): the permutation is first regrouped so that
     each global step holds samples of one group where it can (:func:`grouped_order`), so every rank's batch pads
     little, every rank still gets the same number of batches, and a step is still the same at any world size.
+    ``record``: a file this rank appends what it fetches to (``debug.record_samples``, for tests).
     """
 
-    def __init__(self, size: int, world_size: int, rank: int, batch_size: int, accumulate_steps: int, seed: int,
-                 drop_last: bool = True, record: str | None = None, groups: Sequence[int] | None = None) -> None:  # fmt: skip
-        self.size, self.world_size, self.rank, self.batch = size, world_size, rank, batch_size
-        self.accumulate_steps, self.seed, self.drop_last, self.record = accumulate_steps, seed, drop_last, record
-        self.groups = groups
-        self.global_batch = world_size * accumulate_steps * batch_size
-        steps = size // self.global_batch if drop_last else -(-size // self.global_batch)
-        self.steps, self.epoch, self.start_step = steps, 0, 0
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0, drop_last: bool = True, *,
+                 batch_size: int, accumulate_steps: int = 1, groups: Sequence[int] | None = None,
+                 record: str | None = None) -> None:  # fmt: skip
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.batch, self.accumulate_steps, self.groups, self.record = batch_size, accumulate_steps, groups, record
+        self.global_batch = num_replicas * accumulate_steps * batch_size
+        size = len(dataset)
+        self.steps = size // self.global_batch if drop_last else -(-size // self.global_batch)
+        self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's permutation; the first ``start_step`` global steps are skipped (a resume)."""
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        size = len(self.dataset)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         if self.groups is not None:
             order = grouped_order(order, self.groups, self.global_batch)
-        order = order.repeat(-(-self.steps * self.global_batch // self.size))  # wraps around when not drop_last
-        span = self.world_size * self.batch  # one micro-step of every rank
+        order = order.repeat(-(-self.steps * self.global_batch // size))  # wraps around when not drop_last
+        span = self.num_replicas * self.batch  # one micro-step of every rank
         positions = [k * self.global_batch + m * span + self.rank * self.batch + j
                      for k in range(self.start_step, self.steps) for m in range(self.accumulate_steps)
                      for j in range(self.batch)]  # fmt: skip
         indices = order[positions].tolist()
-        if self.record is not None:  # test hook (debug.record_samples): what this rank fetches, as it fetches it
+        if self.record is not None:
             return self._recorded(positions, indices)
         return iter([(index, self.epoch) for index in indices])
 
@@ -76,6 +81,11 @@ class GlobalStepSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.accumulate_steps * self.batch
+
+
+def samples_file(cfg: Config, rank: int) -> str | None:
+    """``debug.record_samples`` (tests): the file rank ``rank`` appends the sample indices it trains on to."""
+    return f"{cfg.output_dir}/samples_rank{rank}.txt" if cfg.debug.record_samples else None
 
 
 def grouped_order(order: torch.Tensor, groups: Sequence[int], step: int) -> torch.Tensor:
@@ -177,20 +187,16 @@ def _loader_kwargs(cfg: DataConfig, pin_memory: bool) -> dict:
     }
 
 
-def build_train_loader(dataset: Dataset, cfg: DataConfig, seed: int, rank: int, world_size: int, pin_memory: bool,
-                       accumulate_steps: int = 1, record: str | None = None) -> DataLoader:  # fmt: skip
-    """Each global step's samples, this rank's contiguous share (:class:`GlobalStepSampler`; grouped by aspect ratio
-    where the dataset knows its image sizes); call ``loader.sampler.set_epoch(e)`` every epoch. ``record``: a file
-    this rank's sample indices are appended to."""
-    groups = aspect_ratio_groups(dataset, cfg.aspect_ratio_group_factor)
-    sampler = GlobalStepSampler(len(dataset), world_size, rank, cfg.batch_size, accumulate_steps, seed, cfg.drop_last,
-                                record, groups)  # fmt: skip
+def build_train_loader(dataset: Dataset, cfg: DataConfig, sampler: DistributedSampler, seed: int,
+                       pin_memory: bool) -> DataLoader:  # fmt: skip
+    """The training loader over ``sampler`` (a :class:`GlobalStepSampler`: call ``sampler.set_epoch(e)`` every
+    epoch), augmentation seeded per (seed, epoch, sample)."""
     return DataLoader(
         SeededAugmentation(dataset, seed),
         batch_size=cfg.batch_size,
         sampler=sampler,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed + rank),
+        generator=torch.Generator().manual_seed(seed + sampler.rank),
         **_loader_kwargs(cfg, pin_memory),
     )
 
@@ -211,8 +217,10 @@ def build_precise_batches(dataset: Dataset, cfg: Config, rank: int, world_size: 
                           inputs: InputPrep) -> SameBatches:  # fmt: skip
     """PreciseBN's slice of the training data (for the model, the EMA, or a recalibration): a train loader with its
     own seed, always read from epoch 0, so a resumed run recomputes exactly what the uninterrupted one did."""
-    loader = build_train_loader(dataset, cfg.data, cfg.train.seed + 1, rank, world_size, pin_memory)
-    return SameBatches(loader, inputs)
+    seed = cfg.train.seed + 1
+    sampler = GlobalStepSampler(dataset, world_size, rank, seed, cfg.data.drop_last, batch_size=cfg.data.batch_size,
+                                groups=aspect_ratio_groups(dataset, cfg.data.aspect_ratio_group_factor))  # fmt: skip
+    return SameBatches(build_train_loader(dataset, cfg.data, sampler, seed, pin_memory), inputs)
 
 
 def build_val_loader(dataset: Dataset, cfg: DataConfig, rank: int, world_size: int, pin_memory: bool) -> DataLoader:

@@ -54,9 +54,9 @@ class StepEvents:
     _first_step: int = field(default=0, init=False)  # the first step of this call of the epoch (always agreed on)
 
     def batches(self, loader: DataLoader, state: TrainState) -> Iterator[Any]:
-        """The micro-batches left in ``state.epoch``, with the console meter, watched by the watchdog."""
+        """The micro-batches left in ``state.epoch`` (the sampler was set to its epoch and step), with the console
+        meter, watched by the watchdog."""
         accum = self.cfg.accumulate_steps
-        loader.sampler.set_epoch(state.epoch, start_step=state.epoch_step)
         left = (self.steps_per_epoch - state.epoch_step) * accum
         self._meter = MetricLogger(f"epoch {state.epoch + 1}/{self.cfg.epochs}", self.cfg.print_freq,
                                    self.log_enabled, self.cfg.progress_bar)  # fmt: skip

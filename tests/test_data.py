@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data import build_datasets
-from data.loaders import build_train_loader
+from data.loaders import GlobalStepSampler, build_train_loader
 from engine.config import DataConfig
 
 SEED = 3
@@ -24,7 +24,8 @@ def _augmented_train_set():
 def _batches(dataset, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0, epoch: int = 1,
              start_step: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cfg = DataConfig(name="synthetic", batch_size=batch_size, num_workers=workers, drop_last=True)
-    loader = build_train_loader(dataset, cfg, SEED, rank, world, pin_memory=False)
+    sampler = GlobalStepSampler(dataset, world, rank, SEED, batch_size=batch_size)
+    loader = build_train_loader(dataset, cfg, sampler, SEED, pin_memory=False)
     loader.sampler.set_epoch(epoch, start_step)
     return list(loader)
 

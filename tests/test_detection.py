@@ -169,7 +169,8 @@ def test_aspect_ratio_grouped_steps_are_equal_on_every_rank_and_the_same_at_any_
     global_batch = 12
     by_world = {}
     for world in (1, 2, 3, 4):
-        ranks = [list(GlobalStepSampler(53, world, r, global_batch // world, 1, seed=0, groups=groups)) for r in range(world)]
+        per_rank = global_batch // world
+        ranks = [list(GlobalStepSampler(range(53), world, r, batch_size=per_rank, groups=groups)) for r in range(world)]
         assert len({len(r) for r in ranks}) == 1, f"unequal batches on {world} processes"
         steps = [sorted(i for r in ranks for i, _ in r[k * (global_batch // world):(k + 1) * (global_batch // world)])
                  for k in range(len(ranks[0]) // (global_batch // world))]  # fmt: skip
@@ -180,8 +181,8 @@ def test_aspect_ratio_grouped_steps_are_equal_on_every_rank_and_the_same_at_any_
         mixed = sum(len({groups[i] for i in step}) > 1 for step in steps)
         assert mixed <= 1, f"{mixed} steps mix aspect ratios; only the leftovers' last one may"
     assert all(steps == by_world[1] for steps in by_world.values()), "the steps depend on the world size"
-    resumed = list(GlobalStepSampler(53, 2, 0, 6, 1, seed=0, groups=groups))
-    sampler = GlobalStepSampler(53, 2, 0, 6, 1, seed=0, groups=groups)
+    resumed = list(GlobalStepSampler(range(53), 2, 0, batch_size=6, groups=groups))
+    sampler = GlobalStepSampler(range(53), 2, 0, batch_size=6, groups=groups)
     sampler.set_epoch(0, start_step=2)
     assert list(sampler) == resumed[12:], "a resume mid-epoch starts elsewhere"
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
-from data.loaders import build_train_loader
+from data.loaders import GlobalStepSampler, build_train_loader
 from engine.config import DataConfig, TrainConfig
 from engine.inputs import InputPrep
 from engine.launch import spawn
@@ -38,7 +38,8 @@ def _linear(dtype: torch.dtype = torch.float64) -> nn.Module:
 def _train(model: nn.Module, cfg: TrainConfig, dataset: TensorDataset, batch: int, rank: int = 0, world: int = 1,
            lr: float = 0.5) -> tuple[nn.Module, torch.amp.GradScaler]:  # fmt: skip
     """One epoch of the trainer's own loop (plain SGD: an update is -lr x the gradient it applied)."""
-    loader = build_train_loader(dataset, DataConfig(batch_size=batch, num_workers=0), 0, rank, world, False)
+    sampler = GlobalStepSampler(dataset, world, rank, batch_size=batch)
+    loader = build_train_loader(dataset, DataConfig(batch_size=batch, num_workers=0), sampler, 0, False)
     trained = DDP(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
