@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandLine(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (section.key=default), set in the YAML file or as overrides:\n"
-               f"{reference_text()}\n\nMore in README.md: launching, your own model and dataset, outputs.",
+               f"{reference_text()}\n\nMore in README.md (launching, your own model, dataset and task, outputs) and docs/.",
     )  # fmt: skip
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
     # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank (older); torchrun sets LOCAL_RANK

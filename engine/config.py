@@ -26,6 +26,9 @@ __all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_
 
 
 
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}  # train.weight_decay: auto (ResNet SGD recipes; AdamW's, as timm's)
+
+
 def task_of(cfg: Config) -> type[Task]:
     """The task class ``cfg.task`` names (``tasks/``): its metric names, model family and density decide what the
     config accepts. Imported when first asked, so ``--help`` and a malformed command line answer before torch's
@@ -39,7 +42,7 @@ def task_of(cfg: Config) -> type[Task]:
 class ModelConfig:
     name: str = "small_cnn"
     num_classes: int = 10
-    pretrained: bool = False  # torchvision weights; needs them cached locally (no download in this template)
+    pretrained: bool = False  # the library's weights, fetched once per node into its cache (docs/models.md)
     aux_loss_weight: float = 0.0  # segmentation: > 0 builds the auxiliary head and adds its weighted loss
     unfreeze_bn: bool = False  # detection: the backbone's FrozenBatchNorm2d made trainable BatchNorm2d (for SyncBN)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
@@ -77,7 +80,7 @@ class TrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float | Literal["auto"] = "auto"  # auto: 5e-4 for sgd, 0.05 for adamw (each one's usual value)
     schedule: Literal["cosine", "poly", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     step_milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # epochs, for schedule=step
@@ -176,7 +179,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    cfg = resolve_task_defaults(config_from_dict(raw))
+    cfg = resolve_defaults(config_from_dict(raw))
     batch_given = isinstance(raw.get("data"), dict) and "batch_size" in raw["data"]
     return resolve_norm_batch(resolve_global_batch(cfg, world_size, batch_given), world_size)
 
@@ -188,11 +191,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def resolve_task_defaults(cfg: Config) -> Config:
+def resolve_defaults(cfg: Config) -> Config:
     """``train.best_metric: auto`` -> the task's headline metric (val_acc1, val_miou, val_map); another task's metric
     is an error naming the ones this task has. Detection evaluates one image per batch unless told otherwise
     (``data.val_batch_size`` 0): a batch pads its images to a common size, which changes the predictions near the
-    borders, so only single-image batches score the same at any world size (torchvision's reference does the same)."""
+    borders, so only single-image batches score the same at any world size (torchvision's reference does the same).
+    ``train.weight_decay: auto`` -> the optimizer's usual value (:data:`DEFAULT_WEIGHT_DECAY`)."""
     from tasks.registry import best_metrics
 
     metrics = best_metrics(cfg.task)
@@ -200,6 +204,8 @@ def resolve_task_defaults(cfg: Config) -> Config:
         raise ConfigError(f"train.best_metric: {cfg.train.best_metric} is not a metric of task {cfg.task} "
                           f"(it has {', '.join(metrics)})")
     train = dataclasses.replace(cfg.train, best_metric=metrics[0]) if cfg.train.best_metric == "auto" else cfg.train
+    if train.weight_decay == "auto":
+        train = dataclasses.replace(train, weight_decay=DEFAULT_WEIGHT_DECAY[train.optimizer])
     data = cfg.data
     if task_of(cfg).model_family == "detection" and data.val_batch_size == 0:
         data = dataclasses.replace(data, val_batch_size=1)
@@ -280,7 +286,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.base_batch_size >= 1, "train.base_batch_size", "must be >= 1"),
         (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),
-        (cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (cfg.train.weight_decay == "auto" or cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0 or auto"),
         (cfg.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
         (0 < cfg.train.step_gamma <= 1, "train.step_gamma", "must be in (0, 1]"),
         (cfg.train.min_lr >= 0, "train.min_lr", "must be >= 0"),

@@ -1,5 +1,5 @@
 """What every config key means: ``--help`` and the README's config table are generated from here and the schema's
-defaults (the README's table is tested against :func:`reference_table`), so they cannot disagree."""
+defaults (docs/config.md's table is tested against :func:`reference_table`), so they cannot disagree."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from engine.config import Config, config_to_dict
 HELP: dict[str, str] = {
     "output_dir": "everything the run writes (one run, one global batch per directory)",
     "task": "classification, segmentation, detection or your own (tasks/): decides targets, loss, metrics "
-            "(README: Your own task)",
+            "(docs/tasks.md)",
     "model.name": "registry name: a local model, a torchvision model, timm/<name> or smp/<Architecture>",
     "model.num_classes": "number of outputs (must match the dataset)",
-    "model.pretrained": "the library's weights, fetched once per node into its cache (README: Pretrained weights)",
+    "model.pretrained": "the library's weights, fetched once per node into its cache (docs/models.md)",
     "model.kwargs": "extra keyword arguments for the model's builder",
     "model.aux_loss_weight": "segmentation: > 0 builds the model's auxiliary head and adds this weight x its loss",
     "model.unfreeze_bn": "detection: the backbone's FrozenBatchNorm2d (torchvision's, with pretrained weights) made "
@@ -50,7 +50,7 @@ HELP: dict[str, str] = {
     "train.optimizer": "sgd or adamw",
     "train.momentum": "SGD momentum",
     "train.nesterov": "SGD with Nesterov momentum",
-    "train.weight_decay": "weight decay (not on BatchNorm parameters and biases)",
+    "train.weight_decay": "weight decay (not on BatchNorm parameters and biases); auto: 5e-4 for sgd, 0.05 for adamw",
     "train.schedule": "cosine, poly (power 0.9), step or constant; stepped per optimizer step",
     "train.warmup_epochs": "linear warmup before the schedule, in epochs",
     "train.step_milestones": "step schedule: epochs at which the lr is multiplied by train.step_gamma",
@@ -104,10 +104,15 @@ HELP: dict[str, str] = {
 }
 
 
-def reference() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, meaning) of every key, in schema order."""
+TEST_SECTIONS = ("debug",)  # keys for the test suite's hooks: valid in a config, not listed for users (docs/testing.md)
+
+
+def reference(sections: tuple[str, ...] | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) of every key a user sets (or of ``sections``' keys), in schema order."""
     rows = []
     for section, value in config_to_dict(Config()).items():
+        if (section in TEST_SECTIONS) if sections is None else (section not in sections):
+            continue
         items = value.items() if isinstance(value, dict) else [(None, value)]
         for key, default in items:
             dotted = section if key is None else f"{section}.{key}"
@@ -119,10 +124,10 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def reference_table() -> str:
-    """The README's config table (markdown)."""
+def reference_table(sections: tuple[str, ...] | None = None) -> str:
+    """The config table of docs/config.md (markdown); ``sections``: the test hooks' of docs/testing.md."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{key}` | `{_yaml_value(default)}` | {meaning} |" for key, default, meaning in reference()]
+    lines += [f"| `{key}` | `{_yaml_value(default)}` | {meaning} |" for key, default, meaning in reference(sections)]
     return "\n".join(lines)
 
 

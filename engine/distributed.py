@@ -317,12 +317,12 @@ def start_all_reduce_sum(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     return wait
 
 
-def gather_objects(obj: Any) -> list[Any]:
+def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Every rank's object, on every rank (small things only: RNG states, flags)."""
     if not is_initialized():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -335,15 +335,24 @@ def rank0_decides(fn: Callable[[], Any]) -> Any:
     return _run_where(fn, get_rank() == 0)[0]
 
 
+FETCH_WAIT_S = 4 * 3600.0  # how long the other ranks wait for a download (several GB on a slow link)
+
+
 def fetch_once(fetch: Callable[[], None], local_rank: int) -> None:
     """Fill a cache once: ``fetch`` runs on rank 0, then on the first process of every other node (which finds the
     files there already when the cache is on a shared filesystem), while every other process waits. ``fetch`` must
-    do nothing when the cache holds what it fetches; an error stops every rank."""
-    _run_where(fetch, get_rank() == 0)
-    _run_where(fetch, local_rank == 0 and get_rank() != 0)
+    do nothing when the cache holds what it fetches; an error stops every rank. The wait is bounded by
+    ``FETCH_WAIT_S``, not by ``dist.timeout_s`` (which bounds a collective of training: a slow download is no hang)."""
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=FETCH_WAIT_S)) if is_initialized() else None
+    try:
+        _run_where(fetch, get_rank() == 0, group)
+        _run_where(fetch, local_rank == 0 and get_rank() != 0, group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
 
 
-def _run_where(fn: Callable[[], Any], here: bool) -> list[Any]:
+def _run_where(fn: Callable[[], Any], here: bool, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Run ``fn`` on the ranks where ``here`` while the others wait; every rank gets every result (rank 0's first).
 
     A user error (or the filesystem's ``OSError``) stops every rank with its one-line message. Anything else is a
@@ -357,7 +366,7 @@ def _run_where(fn: Callable[[], Any], here: bool) -> list[Any]:
             error = str(exc)
         except Exception as exc:  # every rank must hear of it, or the others wait in the collective
             bug = exc
-    outcomes = gather_objects((get_rank(), result, error, type(bug).__name__ if bug else None))
+    outcomes = gather_objects((get_rank(), result, error, type(bug).__name__ if bug else None), group)
     if bug is not None:
         raise bug
     failed = [(rank, name) for rank, _, _, name in outcomes if name is not None]

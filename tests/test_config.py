@@ -54,6 +54,12 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert cfg.model.kwargs == {"width": 8} and cfg.output_dir == "/tmp/x"
 
 
+def test_weight_decay_auto_is_each_optimizers_usual_value_and_an_explicit_one_wins():
+    decay = {o: load_config(None, [f"train.optimizer={o}"]).train.weight_decay for o in ("sgd", "adamw")}
+    assert decay == {"sgd": 5e-4, "adamw": 0.05}
+    assert load_config(None, ["train.optimizer=adamw", "train.weight_decay=0"]).train.weight_decay == 0.0
+
+
 def test_int_accepted_for_float_and_later_override_wins():
     cfg = load_config(None, ["train.lr=1", "train.lr=2"])
     assert cfg.train.lr == 2.0 and isinstance(cfg.train.lr, float)
@@ -80,6 +86,10 @@ def test_int_accepted_for_float_and_later_override_wins():
         (["train.epochs=3.5"], "train.epochs: expected int, got float"),
         (["train=5"], "train: expected a mapping"),
         (["train.eval_only=true", "train.resume=none"], "train.eval_only: needs a checkpoint"),
+        (["task=multilabel"], "task: unknown task 'multilabel'; registered: classification, detection, segmentation"),
+        (["train.best_metric=val_miou"], "train.best_metric: val_miou is not a metric of task classification (it has "
+                                         "val_acc1, val_acc5, val_acc1_ema, val_acc5_ema)"),
+        (["train.weight_decay=-1"], "train.weight_decay: must be >= 0 or auto"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -162,10 +172,12 @@ def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
 
 
 def test_one_source_of_defaults_readme_schema_and_default_yaml_agree():
-    """The README's config table is the schema's (keys, defaults, meanings), and the shipped default says only what
-    differs from the schema."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert reference_table() in readme, "README's config table differs from the schema's; paste:\n" + reference_table()
+    """docs/config.md's table is the schema's (keys, defaults, meanings) without the test hooks, which docs/testing.md
+    lists; the shipped default says only what differs from the schema."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    table = reference_table()
+    assert table in (docs / "config.md").read_text(encoding="utf-8"), "docs/config.md's table differs; paste:\n" + table
+    assert "debug." not in table and reference_table(("debug",)) in (docs / "testing.md").read_text(encoding="utf-8")
     schema = _leaves(config_to_dict(Config()))
     with open("configs/default.yaml", encoding="utf-8") as f:
         shipped = _leaves(yaml.safe_load(f))
@@ -184,7 +196,7 @@ def test_help_lists_every_key_with_its_default_without_importing_torch():
     assert done.returncode == 0, done.stderr
     for key, _default, meaning in reference():
         assert f"{key}=" in done.stdout and meaning.replace("**", "") in done.stdout, key
-    assert "train.epochs=10" in done.stdout and "README.md" in done.stdout
+    assert "train.epochs=10" in done.stdout and "README.md" in done.stdout and "debug." not in done.stdout
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported, "--help imported torch (seconds) before answering"
 

@@ -227,3 +227,22 @@ def test_a_rank_result_holding_tensors_is_read_after_the_rank_exited(tmp_path) -
     _, ok, payload = results.get(timeout=10)
     assert ok and torch.equal(spawn(_a_tensor, 2)[1], _a_tensor(1, 2))
     assert torch.equal(pickle.loads(payload), _a_tensor(0, 1))
+
+
+def _slow_fetch_then_a_collective(rank: int, world_size: int) -> float:
+    import time
+
+    import torch.distributed as dist
+
+    from engine.distributed import fetch_once
+
+    fetch_once(lambda: time.sleep(4), local_rank=rank)  # rank 0 "downloads" for twice the process group's timeout
+    value = torch.ones(1)
+    dist.all_reduce(value)  # the default group still works afterwards
+    return value.item()
+
+
+def test_the_wait_for_rank_0s_download_is_not_bounded_by_the_collective_timeout() -> None:
+    """dist.timeout_s bounds a training collective; a download longer than it is no hang (the other ranks wait in a
+    group of their own with FETCH_WAIT_S)."""
+    assert spawn(_slow_fetch_then_a_collective, 2, timeout_s=2) == [2.0, 2.0]

@@ -1,8 +1,8 @@
-"""A task of the user's own, added as the README says (one file in ``tasks/`` plus its import, nothing in ``engine/``),
+"""A task of the user's own, added as docs/tasks.md says (one file in ``tasks/`` plus its import, nothing in ``engine/``),
 runs the whole life of a run: it trains on 2 processes with an exact score, its metric picks ``best.pt``, a SIGKILL
 mid-epoch resumes bit-identically, and ``scripts/predict.py`` describes images with it.
 
-The task file is the README's block, so the documented example is the tested one. Its dataset (multi-hot labels: a
+The task file is docs/tasks.md's block, so the documented example is the tested one. Its dataset (multi-hot labels: a
 bright quadrant per class) is a user's dataset file beside it, on uint8 images with an evaluation preprocessing so
 that prediction on image files works.
 """
@@ -61,8 +61,8 @@ def build_quadrants(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair
 
 
 def _readme_task_file() -> str:
-    blocks = re.findall(r"```python\n(# tasks/multilabel\.py\n.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) == 1, "the README's 'Your own task' shows tasks/multilabel.py once"
+    blocks = re.findall(r"```python\n(# tasks/multilabel\.py\n.*?)```", (REPO_ROOT / "docs" / "tasks.md").read_text(), re.S)
+    assert len(blocks) == 1, "docs/tasks.md shows tasks/multilabel.py once"
     return blocks[0]
 
 

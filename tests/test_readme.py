@@ -1,5 +1,5 @@
-"""The README is a contract: every CPU command it shows runs, in the order shown, and what it says of the output
-holds (a rerun says the run is complete; each Python block prints what its ``# prints:`` line says).
+"""The README and docs/ are a contract: every CPU command they show runs, in the order shown (README first), and
+what they say of the output holds (a rerun says the run is complete; each Python block prints what its ``# prints:`` line says).
 
 The commands run in a copy of the repository (they write ``runs/`` relative to where they run), shortened only by
 overrides appended at the end that keep the model and every output path (1 epoch on 256 samples). Skipped, by rule:
@@ -20,7 +20,8 @@ from tests.helpers.jobs import REPO_ROOT, child_env, copy_repository
 
 pytestmark = pytest.mark.slow
 
-README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+# the README, then docs/ (one topic per file, linked from it), in that order
+README = "\n".join(p.read_text(encoding="utf-8") for p in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))])
 SHORT = ["train.epochs=1", "data.num_train=256", "data.num_val=64", "train.print_freq=1000",
          "train.progress_bar=false", "train.tensorboard=false"]
 NOT_HERE = ("pip install", "pytest", "GPU", "srun", "sbatch", "scontrol", "#SBATCH")
