@@ -259,7 +259,7 @@ def steps_per_epoch(loader: DataLoader, accumulate_steps: int) -> int:
     if steps == 0:
         raise DataError(
             f"data.batch_size: {len(loader.dataset)} training samples give no full step of {loader.batch_size} "
-            f"per process x {loader.sampler.world_size} processes x {accumulate_steps} accumulation "
+            f"per process x {loader.sampler.num_replicas} processes x {accumulate_steps} accumulation "
             f"(train.accumulate_steps); lower data.batch_size or use fewer processes"
         )
     return steps
