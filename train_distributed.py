@@ -70,30 +70,21 @@ from data.loaders import (
 )
 from engine.bn import LayerCallsDiffer
 from engine.checkpoint import CHECKPOINT_DIR, Checkpointer
+from engine.comm import barrier, fetch_once, rank0_decides
 from engine.config import global_batch_size
-from engine.distributed import (
-    barrier,
-    cleanup,
-    fetch_once,
-    init_distributed,
-    launch_world_size,
-    lost_a_peer,
-    rank0_decides,
-)
 from engine.ema import ModelEma
 from engine.errors import UserError, from_torch
-from engine.evaluation import RunEvaluation, evaluate
-from engine.faults import FaultInjector
+from engine.evaluation import RunEvaluation
 from engine.inputs import InputPrep
-from engine.logging import MetricsWriter, format_metrics, log_banner, log_epoch, print_error, setup_logger
+from engine.logging import format_metrics, log_banner, log_epoch, print_error, setup_logger
 from engine.model_setup import prepare_model, running_statistics
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
-from engine.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopSignal
-from engine.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
-from engine.step_events import StepEvents
+from engine.runtime.distributed import cleanup, init_distributed, launch_world_size, lost_a_peer
+from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from engine.runtime.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
+from engine.step_events import step_events
 from engine.train_state import TrainState
-from engine.trainer import SaveRun, TrainLoop, train_one_epoch
-from engine.watchdog import watch_steps
+from engine.trainer import TrainLoop, train_one_epoch
 from models import build_model
 from models.pretrained import fetch_weights
 from tasks import build_task
@@ -105,16 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     # 1. config: read, override, validate: before any process group, so a typo fails fast on every rank
     cfg = load_config(args.config, args.overrides, launch_world_size(args.local_rank))
 
-    # 2. distributed: who am I, which device, process group, SyncBN groups; rank 0 decides what to resume
+    # 2. distributed: this process's rank and device from its launcher (torchrun's LOCAL_RANK, SLURM, --local_rank),
+    # torch.cuda.set_device(local_rank), then dist.init_process_group(NCCL on GPUs, gloo on CPUs; dist.timeout_s)
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)
-    log = setup_logger(ctx.rank)
-    resume_path = rank0_decides(partial(prepare_output_dir, cfg))
+    log = setup_logger(ctx.rank)  # rank 0 prints
+    resume_path = rank0_decides(partial(prepare_output_dir, cfg))  # rank 0 looks; every rank resumes the same
     random.seed(cfg.train.seed + ctx.rank)
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per rank: dropout and the like differ across ranks
 
-    # 3. model: build, move, BatchNorm -> SyncBatchNorm (or ghost BN), then DDP
+    # 3. model: build, BatchNorm -> SyncBatchNorm (or ghost BN), move to the device, then DDP
     fetch_once(partial(fetch_weights, cfg.model, cfg.task, log.info), ctx.local_rank)  # model.pretrained: once a node
-    model = prepare_model(build_model(cfg.model, cfg.task), cfg, ctx)  # on the device, BatchNorm as configured
+    model = prepare_model(build_model(cfg.model, cfg.task), cfg, ctx)  # convert_sync_batchnorm(model).to(device)
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation
     if ctx.is_distributed:
         # SyncBN keeps BN buffers identical on every rank, so broadcasting them each step is wasted work
@@ -126,38 +118,39 @@ def main(argv: list[str] | None = None) -> int:
     # 4. data: a DistributedSampler for training (whose global steps are the same samples at any world size), an
     # exact (unpadded) sharding for evaluation
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
-    task = build_task(cfg, datasets.ground_truth)  # the loss of a batch, the validation scores
-    pin = ctx.device.type == "cuda"
+    task = build_task(cfg, datasets.ground_truth)  # the loss of a batch, the validation scores (tasks/)
     train_sampler = GlobalStepSampler(
         datasets.train, ctx.world_size, ctx.rank, cfg.train.seed, cfg.data.drop_last, batch_size=cfg.data.batch_size,
         accumulate_steps=cfg.train.accumulate_steps,
         groups=aspect_ratio_groups(datasets.train, cfg.data.aspect_ratio_group_factor),  # detection: one shape a step
         record=samples_file(cfg, ctx.rank),  # debug.record_samples (tests): the indices this rank trains on
     )
+    pin = ctx.device.type == "cuda"  # page-locked batches: faster copies to the GPU
     train_loader = build_train_loader(datasets.train, cfg.data, train_sampler, cfg.train.seed, pin)
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     # uint8 images become float, normalised and channels_last on the device, once per batch
     inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)
-    precise_batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin, inputs)  # PreciseBN
 
-    # 5. train: optimizer and schedule, resume, then the epoch loop: train, evaluate, checkpoint, log
-    global_batch, steps = global_batch_size(cfg, ctx.world_size), steps_per_epoch(train_loader, cfg.train.accumulate_steps)
-    lr = scaled_lr(cfg.train, global_batch)
-    optimizer = build_optimizer(raw_model, cfg.train, lr)
+    # 5. optimizer, learning-rate schedule (per step), gradient scaler (fp16), EMA of the weights
+    steps = steps_per_epoch(train_loader, cfg.train.accumulate_steps)
+    optimizer = build_optimizer(raw_model, cfg.train, scaled_lr(cfg.train, global_batch_size(cfg, ctx.world_size)))
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEma(raw_model, cfg.train) if cfg.train.ema_decay and not cfg.train.eval_only else None
-    bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, precise_batches, log.info, task)
-    score = partial(evaluate, loader=val_loader, task=task, inputs=inputs, cfg=cfg.train)  # exact, all ranks
-    evaluate_run = RunEvaluation(score, bn_stats, raw_model, ema)  # BatchNorm statistics settled, then scored
+
+    # 6. evaluation and checkpoints, both with settled BatchNorm running statistics (PreciseBN, or the ranks'
+    # agreement), then resume
+    precise_batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin, inputs)
+    bn_stats = running_statistics(cfg, ctx.world_size, raw_model, ema, log.info, task, precise_batches)
+    evaluator = RunEvaluation(val_loader, task, inputs, cfg.train, bn_stats, raw_model, ema)  # exact, on all ranks
     checkpointer = Checkpointer(cfg, ctx, raw_model, optimizer, scheduler, scaler, ema, datasets.inference())
-    state = TrainState()
-    log_banner(ctx, cfg, raw_model, lr)
+    state = TrainState()  # epoch, step, best metric: what a resume continues from
+    log_banner(ctx, cfg, raw_model)
     if cfg.train.eval_only:
         if resume_path is not None:
             checkpointer.load_model(resume_path)
             log.info(f"evaluating {resume_path}")
-        log.info(f"eval  {format_metrics(evaluate_run(state.step))}")
+        log.info(f"eval  {format_metrics(evaluator(state.step))}")
         return 0
     if resume_path is not None:
         checkpointer.resume(resume_path, state)
@@ -166,40 +159,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # a finished run: it said so, and how to train longer
     write_config(cfg, ctx.is_main)  # only now: a refused resume must leave the run's files untouched
 
-    faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # test-only; None unless debug.* asks
-    save = SaveRun(checkpointer, bn_stats, faults)  # BatchNorm statistics settled, then written by rank 0
+    # 7. the epoch loop: train, evaluate, checkpoint, log
+    loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, inputs)  # what a training step needs
     run_start, first_epoch = time.perf_counter(), state.epoch
-    with (
-        StopSignal() as stop,
-        MetricsWriter(cfg, ctx.is_main) as writer,
-        watch_steps(cfg.dist.step_timeout_s),  # a rank stuck outside collectives ends the job, naming itself
-    ):
-        loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, inputs)
-        events = StepEvents(cfg.train, raw_model, optimizer, steps, global_batch, stop, save, writer=writer, ema=ema,
-                            faults=faults, log_enabled=ctx.is_main)
+    # stop signals, the watchdog, logs, the ranks' agreement, EMA updates, mid-epoch checkpoints
+    with step_events(checkpointer, bn_stats, steps) as events:
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             train_sampler.set_epoch(state.epoch, start_step=state.epoch_step)  # a resume continues at its sample
             trained = train_one_epoch(loop, train_loader, state, events)
             if trained.stopped:
-                save(state)
+                events.save(state)
                 barrier()  # no rank exits (and makes the launcher tear the job down) before rank 0's save is on disk
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
-            scores = evaluate_run(state.step)
             metrics = {
                 "epoch": state.epoch + 1,
                 "train_loss": state.train_loss,
-                **scores,
+                **evaluator(state.step),
                 "lr": optimizer.param_groups[0]["lr"],
-                "samples_per_s": trained.steps * global_batch / trained.seconds,  # training only
+                "samples_per_s": trained.steps * checkpointer.global_batch / trained.seconds,  # training only
                 "train_time_s": trained.seconds,
                 "epoch_time_s": time.perf_counter() - epoch_start,  # training and evaluation
             }
             is_best = state.finish_epoch(metrics, cfg.train.best_metric)
-            save(state, is_best)
-            writer.write(metrics, step=state.epoch)
+            events.save(state, is_best)
+            events.writer.write(metrics, step=state.epoch)
             per_epoch = (time.perf_counter() - run_start) / (state.epoch - first_epoch)
             log_epoch(metrics, cfg.train.epochs, eta_s=per_epoch * (cfg.train.epochs - state.epoch))
     barrier()  # leave together: a rank tearing down its process group while a peer still writes can abort in gloo

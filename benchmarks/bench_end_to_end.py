@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, fmt_stat, machine_banner, med, print_table, ratio_stat, torchrun_cmd, verdict  # noqa: E402
 
-from engine.launch import child_env  # noqa: E402
+from engine.runtime.spawn import child_env  # noqa: E402
 
 GOAL = 0.97
 # glibc: never return freed memory to the kernel (no mmap for large blocks, no heap trimming)
@@ -72,7 +72,7 @@ def minimal_worker(args: argparse.Namespace) -> None:
     from data import build_datasets
     from engine.bn import convert_sync_batchnorm
     from engine.config import DataConfig, ModelConfig
-    from engine.distributed import cleanup
+    from engine.runtime.distributed import cleanup
     from models import build_model
 
     dist.init_process_group("gloo")

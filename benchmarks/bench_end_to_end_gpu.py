@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.distributed import cleanup  # noqa: E402
+from engine.runtime.distributed import cleanup  # noqa: E402
 from models import build_model  # noqa: E402
 
 

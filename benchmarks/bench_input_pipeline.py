@@ -37,7 +37,7 @@ from common import REPO_ROOT, fmt_stat, machine_banner, med, print_table, ratio_
 from data import build_datasets  # noqa: E402
 from data.loaders import GlobalStepSampler, build_train_loader  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.launch import child_env  # noqa: E402
+from engine.runtime.spawn import child_env  # noqa: E402
 from models import build_model  # noqa: E402
 
 GOAL = 1.0

@@ -26,7 +26,7 @@ from common import init_from_torchrun, machine_banner, print_table, run_ranks, u
 
 from engine.bn import convert_sync_batchnorm  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.distributed import cleanup  # noqa: E402
+from engine.runtime.distributed import cleanup  # noqa: E402
 from models import build_model  # noqa: E402
 
 GOAL = 1.05

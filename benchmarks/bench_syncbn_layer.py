@@ -47,7 +47,7 @@ from common import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.bn import convert_sync_batchnorm  # noqa: E402
-from engine.distributed import cleanup  # noqa: E402
+from engine.runtime.distributed import cleanup  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of the naive layer's collectives
 _gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -74,14 +74,14 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
 
     from data import build_datasets
     from data.loaders import GlobalStepSampler, build_train_loader, build_val_loader
-    from engine.agreement import start_agreement
     from engine.bn import convert_sync_batchnorm
     from engine.config import load_config
     from engine.evaluation import evaluate
     from engine.inputs import InputPrep
     from engine.logging import MetricLogger
     from engine.optim import build_optimizer, build_scheduler
-    from engine.preemption import StopSignal
+    from engine.runtime.agreement import start_agreement
+    from engine.runtime.preemption import StopSignal
     from engine.step_events import StepEvents
     from engine.train_state import TrainState
     from engine.trainer import TrainLoop, train_one_epoch

@@ -154,7 +154,7 @@ def interleaved_times(
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 900.0) -> list[Any]:
     """``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes (one thread each), as the tests do."""
-    from engine.launch import spawn
+    from engine.runtime.spawn import spawn
 
     return spawn(fn, world_size, *args, timeout_s=timeout_s)
 
@@ -167,7 +167,7 @@ def init_from_torchrun(backend: str = "auto") -> tuple[int, int, torch.device]:
     """The template's process group from torchrun's environment (NCCL on GPUs, gloo otherwise); (rank, world,
     device)."""
     from engine.config import DistConfig
-    from engine.distributed import init_distributed
+    from engine.runtime.distributed import init_distributed
 
     ctx = init_distributed(DistConfig(backend=backend, exit_with_launcher=False))
     return ctx.rank, ctx.world_size, ctx.device

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from torch.utils.data.distributed import DistributedSampler
 
 from engine.config import Config, DataConfig
-from engine.distributed import cpus_per_process
 from engine.errors import DataError
 from engine.inputs import InputPrep
+from engine.runtime.distributed import cpus_per_process
 from tasks import IGNORE_INDEX
 
 

@@ -1,5 +1,5 @@
 """What a checkpoint holds, both ways (``Checkpointer``): atomic writes by rank 0, safe loads, RNG streams, and the
-checks that a checkpoint fits the run about to load it. Which checkpoint a run resumes is ``engine.rundir``'s call.
+checks that a checkpoint fits the run about to load it. Which checkpoint a run resumes is ``engine.runtime.rundir``'s call.
 
 Layout under ``<output_dir>/checkpoints``: ``ckpt_e{epoch}_s{step}.pt`` (the newest
 ``keep`` of them), ``last.pt`` (a hard link to the newest) and ``best.pt``. Every file
@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from engine.comm import gather_objects
 from engine.config import Config, config_from_dict, config_to_dict, global_batch_size, normalisation_batch
-from engine.distributed import DistContext, gather_objects
 from engine.ema import ModelEma
 from engine.errors import CheckpointError
 from engine.logging import get_logger
+from engine.runtime.distributed import DistContext
 from engine.train_state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -236,7 +237,7 @@ class Checkpointer:
     scaler, ``TrainState``, every rank's RNG streams, the resolved config, world size and global batch, the EMA
     when the run keeps one, and how to use the model (``inference``: class names, evaluation preprocessing). It
     saves and loads them; when statistics are settled, or which checkpoint a run resumes, is decided elsewhere
-    (``engine.bn.settle``, ``engine.rundir``).
+    (``engine.bn.settle``, ``engine.runtime.rundir``).
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

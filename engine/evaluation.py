@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +13,8 @@ from engine.bn import RunningStatistics
 from engine.config import TrainConfig
 from engine.ema import ModelEma
 from engine.inputs import InputPrep
+from engine.runtime.watchdog import enter, progress
 from engine.trainer import autocast
-from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
     from tasks.registry import Task  # the interface only: engine/ imports no task
@@ -48,9 +47,12 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, inputs: InputPrep
 @dataclass(frozen=True)
 class RunEvaluation:
     """The run's evaluation at a step: BatchNorm statistics settled (PreciseBN, or made to agree across ranks),
-    then the model scored, and the EMA scored exactly like it (keys ``val_*_ema``)."""
+    then the model scored exactly on the validation split, and the EMA scored like it (keys ``val_*_ema``)."""
 
-    score: Callable[[nn.Module], dict[str, Any]]  # the exact evaluation of a module on the validation split
+    loader: DataLoader  # the validation split, each sample on one rank
+    task: Task
+    inputs: InputPrep
+    cfg: TrainConfig
     bn_stats: RunningStatistics
     model: nn.Module  # unwrapped
     ema: ModelEma | None = None
@@ -59,7 +61,8 @@ class RunEvaluation:
         enter("settling BatchNorm statistics (PreciseBN or the ranks' agreement)", in_collective=True)
         self.bn_stats.before_evaluation(step)
         progress()
-        metrics = self.score(self.model)
+        metrics = evaluate(self.model, self.loader, self.task, self.inputs, self.cfg)
         if self.ema is not None:
-            metrics |= {f"{key}_ema": value for key, value in self.score(self.ema.module).items()}
+            ema = evaluate(self.ema.module, self.loader, self.task, self.inputs, self.cfg)
+            metrics |= {f"{key}_ema": value for key, value in ema.items()}
         return metrics

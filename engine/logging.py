@@ -21,9 +21,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from engine.config import Config, config_to_dict, global_batch_size, normalisation_batch, task_of
-from engine.distributed import DistContext, launch_rank, record_error_for_launcher
 from engine.errors import UserError
 from engine.grad_checkpointing import CheckpointedSequential
+from engine.optim import scaled_lr
+from engine.runtime.distributed import DistContext, launch_rank, record_error_for_launcher
 
 LOGGER_NAME = "ddp"
 
@@ -65,8 +66,10 @@ def exit_code(body: Callable[[], object]) -> int:
         return 1
 
 
-def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module, lr: float) -> None:
-    """Who runs what, on rank 0: world, launcher, backend, device, batches, lr, what BatchNorm does, versions."""
+def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module) -> None:
+    """Who runs what, on rank 0: world, launcher, backend, device, batches, lr (as scaled), what BatchNorm does,
+    versions."""
+    lr = scaled_lr(cfg.train, global_batch_size(cfg, ctx.world_size))
     per_node = f"{ctx.local_world_size} per node | " if ctx.local_world_size != ctx.world_size else ""
     get_logger().info(
         f"== DDP + SyncBN template | world size {ctx.world_size} ({ctx.launcher}) | {per_node}"

@@ -24,10 +24,10 @@ from engine.bn import (
     revert_sync_batchnorm,
 )
 from engine.config import Config
-from engine.distributed import DistContext
 from engine.ema import ModelEma
 from engine.errors import ModelError
 from engine.grad_checkpointing import enable_grad_checkpointing
+from engine.runtime.distributed import DistContext
 from engine.trainer import amp_dtype
 
 if TYPE_CHECKING:
@@ -79,8 +79,8 @@ def precise_forward(task: Task) -> Forward:
 
 
 def running_statistics(cfg: Config, world_size: int, model: nn.Module, ema: ModelEma | None = None,
-                       precise_batches: Iterable[Any] | None = None, report: Callable[[str], None] | None = None,
-                       task: Task | None = None) -> RunningStatistics:  # fmt: skip
+                       report: Callable[[str], None] | None = None, task: Task | None = None,
+                       precise_batches: Iterable[Any] | None = None) -> RunningStatistics:  # fmt: skip
     """When the run's BatchNorm statistics settle: the model's by PreciseBN over ``syncbn.precise_bn_samples``
     (else made to agree across ranks), the EMA's by PreciseBN under ``train.ema_buffers: precise``. PreciseBN's
     passes run the ``task``'s training forward (a detector needs its targets), without the gradients."""

@@ -1,7 +1,8 @@
-"""Everything around a training step that is not the step: the cross-cutting work, behind three calls.
+"""Everything around a training step that is not the step: the cross-cutting work, behind three calls, and the run's
+save; :func:`step_events` sets it all up for the entry script.
 
-- :meth:`StepEvents.batches` positions the epoch (a resume continues at its sample), draws the console meter and
-  tells the watchdog when a rank waits for data and when it computes;
+- :meth:`StepEvents.batches` yields the micro-batches left in the epoch, draws the console meter and tells the
+  watchdog when a rank waits for data and when it computes;
 - :meth:`StepEvents.loss` sees each micro-batch's loss: test-only fault injection, the loss window, and the start
   of the ranks' agreement (it overlaps the backward);
 - :meth:`StepEvents.step_done` follows each optimizer step: the agreement's verdict (stop, NaN, one value per
@@ -13,6 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +22,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engine.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
-from engine.bn import check_values_per_channel
+from engine.bn import RunningStatistics, check_values_per_channel
+from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig
 from engine.ema import ModelEma
 from engine.errors import DataError, NonFiniteLossError
-from engine.faults import FaultInjector
 from engine.logging import MetricLogger, MetricsWriter
-from engine.preemption import StopSignal
+from engine.runtime.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
+from engine.runtime.faults import FaultInjector
+from engine.runtime.preemption import StopSignal
+from engine.runtime.watchdog import enter, progress, watch_steps
 from engine.train_state import TrainState
-from engine.watchdog import enter, progress
 
 
 @dataclass
@@ -42,7 +45,7 @@ class StepEvents:
     steps_per_epoch: int
     global_batch: int  # samples per optimizer step over all processes
     stop: StopSignal
-    save: Callable[[TrainState], None]  # a mid-epoch checkpoint (train.checkpoint_every_steps)
+    save: Callable[..., None]  # (state, is_best=False): a checkpoint (mid-epoch: train.checkpoint_every_steps)
     writer: MetricsWriter | None = None  # per-step TensorBoard scalars every train.print_freq steps (rank 0)
     ema: ModelEma | None = None  # updated after every train.ema_every optimizer steps
     faults: FaultInjector | None = None  # test-only fault injection (debug.*)
@@ -137,3 +140,40 @@ class StepEvents:
             rate = (step - self._since[0]) * self.global_batch / max(now - self._since[1], 1e-9)
             self.writer.add_step(step, lr=lr, samples_per_s=rate)
             self._since = (step, now)
+
+
+@dataclass(frozen=True)
+class SaveRun:
+    """The run's save: BatchNorm statistics settled for saving (once per step), every rank's state gathered, rank 0
+    writing atomically; the watchdog told where each part happens, and the test-only fault points around it."""
+
+    checkpointer: Checkpointer
+    bn_stats: RunningStatistics
+    faults: FaultInjector | None = None
+
+    def __call__(self, state: TrainState, is_best: bool = False) -> None:
+        if self.faults is not None:
+            self.faults.at("before_checkpoint", state.step)
+        enter("in a checkpoint's collectives", in_collective=True)
+        self.bn_stats.before_checkpoint(state.step)
+        checkpoint = self.checkpointer.gather(state)
+        enter("writing a checkpoint", in_collective=False)
+        self.checkpointer.write(checkpoint, is_best)
+        progress()
+        if self.faults is not None:
+            self.faults.at("after_checkpoint", state.step)
+
+
+@contextmanager
+def step_events(checkpointer: Checkpointer, bn_stats: RunningStatistics, steps_per_epoch: int) -> Iterator[StepEvents]:
+    """What runs around the steps of the run ``checkpointer`` saves, for as long as the loop runs: stop signals
+    (SIGTERM, SIGUSR1: checkpoint and exit), the watchdog (a rank stuck outside collectives ends the job, naming
+    itself), TensorBoard and ``metrics.jsonl`` on rank 0, the ranks' agreement, EMA updates, mid-epoch checkpoints
+    with settled BatchNorm statistics, and the test suite's faults (``debug.*``, docs/testing.md)."""
+    cfg, ctx = checkpointer.cfg, checkpointer.ctx
+    faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # None unless a test asks for one
+    save = SaveRun(checkpointer, bn_stats, faults)
+    with StopSignal() as stop, MetricsWriter(cfg, ctx.is_main) as writer, watch_steps(cfg.dist.step_timeout_s):
+        yield StepEvents(cfg.train, checkpointer.model, checkpointer.optimizer, steps_per_epoch,
+                         checkpointer.global_batch, stop, save, writer=writer, ema=checkpointer.ema, faults=faults,
+                         log_enabled=ctx.is_main)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The training step and the epoch: forward, loss, backward, optimizer step, read as the recipe; and the run's save.
+"""The training step and the epoch: forward, loss, backward, optimizer step, read as the recipe.
 
 Everything around a step that is not the step itself (where the watchdog thinks we are, fault injection, the
 ranks' agreement, logging, the EMA, mid-epoch checkpoints) reaches it through :class:`engine.step_events.StepEvents`.
@@ -16,14 +16,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from engine.bn import RunningStatistics
-from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig
-from engine.faults import FaultInjector
 from engine.inputs import InputPrep
 from engine.step_events import StepEvents
 from engine.train_state import TrainState
-from engine.watchdog import enter, progress
 
 if TYPE_CHECKING:
     from tasks.registry import Task  # the interface only: engine/ imports no task
@@ -89,25 +85,3 @@ def _optimizer_step(loop: TrainLoop) -> None:
     loop.scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step()
-
-
-@dataclass(frozen=True)
-class SaveRun:
-    """The run's save: BatchNorm statistics settled for saving (once per step), every rank's state gathered, rank 0
-    writing atomically; the watchdog told where each part happens, and the test-only fault points around it."""
-
-    checkpointer: Checkpointer
-    bn_stats: RunningStatistics
-    faults: FaultInjector | None = None
-
-    def __call__(self, state: TrainState, is_best: bool = False) -> None:
-        if self.faults is not None:
-            self.faults.at("before_checkpoint", state.step)
-        enter("in a checkpoint's collectives", in_collective=True)
-        self.bn_stats.before_checkpoint(state.step)
-        checkpoint = self.checkpointer.gather(state)
-        enter("writing a checkpoint", in_collective=False)
-        self.checkpointer.write(checkpoint, is_best)
-        progress()
-        if self.faults is not None:
-            self.faults.at("after_checkpoint", state.step)

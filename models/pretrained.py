@@ -4,7 +4,7 @@ is built, and a build that then reads the caches only.
 torchvision, timm and segmentation_models_pytorch each download on their own when a model is built, on every
 process that builds it. Here the files are named first (:func:`weight_files`, the same resolution the libraries
 make), fetched by whichever process is asked to (:func:`fetch_weights`: the entry script asks one process per node,
-see ``engine.distributed.fetch_once``), and every process then builds from the cache with downloads refused
+see ``engine.runtime.distributed.fetch_once``), and every process then builds from the cache with downloads refused
 (:func:`offline`). A file that cannot be fetched is one line naming it and where to put it.
 """
 

@@ -45,8 +45,8 @@ from engine.bn import batchnorm_layers, recompute_bn_stats  # noqa: E402
 from engine.checkpoint import load_checkpoint, strip_prefixes  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
-from engine.launch import child_env  # noqa: E402
 from engine.model_setup import precise_forward  # noqa: E402
+from engine.runtime.spawn import child_env  # noqa: E402
 from models import build_model  # noqa: E402
 from tasks import build_task  # noqa: E402
 

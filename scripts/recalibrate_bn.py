@@ -28,11 +28,11 @@ from data.loaders import build_precise_batches, build_val_loader  # noqa: E402
 from engine.bn import DEFAULT_SAMPLES, RunningStatistics  # noqa: E402
 from engine.checkpoint import atomic_torch_save, check_model_compatible, load_checkpoint, strip_prefixes  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.distributed import cleanup, init_distributed, launch_world_size  # noqa: E402
 from engine.evaluation import evaluate  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
 from engine.logging import exit_code, format_metrics, setup_logger  # noqa: E402
 from engine.model_setup import precise_forward, prepare_model, settle_policy  # noqa: E402
+from engine.runtime.distributed import cleanup, init_distributed, launch_world_size  # noqa: E402
 from models import build_model  # noqa: E402
 from tasks import build_task  # noqa: E402
 

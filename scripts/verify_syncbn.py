@@ -26,8 +26,8 @@ from torch import Tensor, nn  # noqa: E402
 
 from engine.bn import SyncBatchNorm  # noqa: E402
 from engine.config import DistConfig  # noqa: E402
-from engine.distributed import cleanup, init_distributed  # noqa: E402
-from engine.launch import SpawnError, spawn  # noqa: E402
+from engine.runtime.distributed import cleanup, init_distributed  # noqa: E402
+from engine.runtime.spawn import SpawnError, spawn  # noqa: E402
 
 CHANNELS = 4
 CASES = {  # name -> trailing dims after (N, C)

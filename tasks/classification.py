@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.distributed import all_reduce_sum
+from engine.comm import all_reduce_sum
 from tasks.registry import OutputLossTask, main_output, register_task
 
 if TYPE_CHECKING:

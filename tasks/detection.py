@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from engine.distributed import gather_objects, rank0_decides
+from engine.comm import gather_objects, rank0_decides
 from tasks.registry import Task, register_task
 
 if TYPE_CHECKING:

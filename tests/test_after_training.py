@@ -16,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.bn import SyncBatchNorm, convert_sync_batchnorm
-from engine.launch import REPO_ROOT
+from engine.runtime.spawn import REPO_ROOT
 from tests.helpers.jobs import error_lines, metric_records, run_train, run_train_preloaded, tiny_overrides
 from tests.helpers.photos import make_photo_folder
 from tests.helpers.proxy import CountingProxy

@@ -26,12 +26,12 @@ from engine.bn import (
     revert_sync_batchnorm,
 )
 from engine.bn.layers import first_order_only, refuse_second_derivative
-from engine.comm_debug import count_comm
 from engine.config import ModelConfig
 from engine.grad_checkpointing import enable_grad_checkpointing
-from engine.launch import spawn
+from engine.runtime.spawn import spawn
 from models import build_model
 from tasks import main_output
+from tests.helpers.comm_debug import count_comm
 from tests.helpers.jobs import (
     REPO_ROOT,
     error_lines,

@@ -10,8 +10,8 @@ import yaml
 
 from engine.config import Config, ConfigError, config_to_dict, dump_config, load_config
 from engine.config_reference import reference, reference_table
-from engine.distributed import detect_launch_env, first_slurm_host, select_backend
 from engine.errors import LaunchError
+from engine.runtime.distributed import detect_launch_env, first_slurm_host, select_backend
 
 
 def write(tmp_path, text: str, name: str = "c.yaml") -> str:

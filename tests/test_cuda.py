@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.bn import SyncBatchNorm, convert_sync_batchnorm
 from engine.inputs import InputPrep
-from engine.launch import REPO_ROOT, child_env
+from engine.runtime.spawn import REPO_ROOT, child_env
 from tests.helpers.jobs import metric_records, run_train, tiny_overrides
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -66,7 +66,7 @@ def test_a_global_step_holds_the_same_augmented_samples_at_any_world_size_and_af
 def test_auto_loader_workers_leave_each_process_one_cpu():
     from data.loaders import num_workers
     from engine.config import DataConfig
-    from engine.distributed import cpus_per_process
+    from engine.runtime.distributed import cpus_per_process
 
     cpus = len(os.sched_getaffinity(0))
     assert cpus_per_process({}) == cpus

@@ -21,7 +21,7 @@ from engine.checkpoint import strip_prefixes
 from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.inputs import InputPrep
-from engine.launch import spawn
+from engine.runtime.spawn import spawn
 from models import build_model
 from models.detection import unfreeze_batchnorm
 from tasks import DetectionTask

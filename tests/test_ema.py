@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from engine.bn import convert_sync_batchnorm
 from engine.config import Config, ModelConfig, TrainConfig
 from engine.ema import ModelEma
-from engine.launch import spawn
 from engine.model_setup import running_statistics
+from engine.runtime.spawn import spawn
 from models import build_model
 from tests.helpers.jobs import killed_and_resumed, metric_records
 from tests.helpers.syncbn import population_statistics

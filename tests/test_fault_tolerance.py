@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.agreement import Agreement, start_agreement
-from engine.launch import spawn
-from engine.preemption import EXIT_PREEMPTED
+from engine.runtime.agreement import Agreement, start_agreement
+from engine.runtime.preemption import EXIT_PREEMPTED
+from engine.runtime.spawn import spawn
 from tests.helpers.jobs import (
     run_train,
     run_train_preloaded,

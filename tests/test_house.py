@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.launch import REPO_ROOT, child_env
+from engine.runtime.spawn import REPO_ROOT, child_env
 from tests.helpers.jobs import error_lines, metric_records, run_train_preloaded, tiny_overrides, wait_job
 
 DATA = Path(__file__).parent / "data"

@@ -16,8 +16,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine.distributed import cleanup
-from engine.launch import spawn
+from engine.runtime.distributed import cleanup
+from engine.runtime.spawn import spawn
 from tests.helpers.jobs import TRAIN_SCRIPT, child_env, metric_records, run_train, run_train_preloaded, tiny_overrides, wait_job
 
 CONFIG = "configs/default.yaml"
@@ -216,7 +216,7 @@ def test_a_rank_result_holding_tensors_is_read_after_the_rank_exited(tmp_path) -
     from torch's file-descriptor sharing). Here it always does: the rank is joined before its result is read."""
     import torch.multiprocessing as mp
 
-    from engine.launch import _entry
+    from engine.runtime.spawn import _entry
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -234,7 +234,7 @@ def _slow_fetch_then_a_collective(rank: int, world_size: int) -> float:
 
     import torch.distributed as dist
 
-    from engine.distributed import fetch_once
+    from engine.comm import fetch_once
 
     fetch_once(lambda: time.sleep(4), local_rank=rank)  # rank 0 "downloads" for twice the process group's timeout
     value = torch.ones(1)

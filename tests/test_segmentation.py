@@ -21,7 +21,7 @@ from data.transforms import SegmentationTransform
 from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.inputs import InputPrep
-from engine.launch import spawn
+from engine.runtime.spawn import spawn
 from models import build_model
 from tasks import IGNORE_INDEX, SegmentationTask, main_output
 from tests.helpers.jobs import (

@@ -19,8 +19,8 @@ from engine.bn import (
     choose_collective,
     convert_sync_batchnorm,
 )
-from engine.comm_debug import count_comm
-from engine.launch import spawn
+from engine.runtime.spawn import spawn
+from tests.helpers.comm_debug import count_comm
 from tests.helpers.syncbn import (
     CHANNELS,
     PATHS,

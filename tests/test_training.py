@@ -11,7 +11,7 @@ from data.loaders import build_val_loader
 from engine.config import load_config
 from engine.evaluation import evaluate
 from engine.inputs import InputPrep
-from engine.launch import spawn
+from engine.runtime.spawn import spawn
 from models import build_model
 from tasks import ClassificationTask
 from tests.helpers.jobs import metric_records, run_train, tiny_overrides

@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 from data.loaders import GlobalStepSampler, build_train_loader
 from engine.config import DataConfig, TrainConfig
 from engine.inputs import InputPrep
-from engine.launch import spawn
-from engine.preemption import StopSignal
+from engine.runtime.preemption import StopSignal
+from engine.runtime.spawn import spawn
 from engine.step_events import StepEvents
 from engine.train_state import TrainState
 from engine.trainer import TrainLoop, train_one_epoch

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine.launch import REPO_ROOT, child_env
+from engine.runtime.spawn import REPO_ROOT, child_env
 from tests.helpers.jobs import (
     error_lines,
     kill_job,

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.launch import REPO_ROOT, child_env
+from engine.runtime.spawn import REPO_ROOT, child_env
 
 TRAIN_SCRIPT = str(REPO_ROOT / "train_distributed.py")
 DEFAULT_TIMEOUT_S = 120.0

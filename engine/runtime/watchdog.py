@@ -23,8 +23,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from engine.distributed import launch_rank
 from engine.logging import print_error
+from engine.runtime.distributed import launch_rank
 
 GRACE_S = 30.0  # at most this long, a rank waiting in a collective lets the stuck peer report first
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.comm import start_all_reduce_sum
 from engine.config import TrainConfig
-from engine.distributed import start_all_reduce_sum
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from engine.distributed import cleanup, init_process_group
+from engine.runtime.distributed import cleanup, init_process_group
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # a job started from inside another job (a test under torchrun or SLURM) must not inherit its place in that job
 _PLACE_IN_A_JOB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                    "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID")

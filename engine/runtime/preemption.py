@@ -1,7 +1,7 @@
 """Signals and exit codes: SIGTERM / SIGUSR1 ask the run to stop; the exit codes a scheduler understands.
 
 The handler only records the signal. The trainer hands the request on at the ranks' next agreement
-(:mod:`engine.agreement`), so every rank stops at the same step, saves, and exits ``EXIT_PREEMPTED``.
+(:mod:`engine.runtime.agreement`), so every rank stops at the same step, saves, and exits ``EXIT_PREEMPTED``.
 """
 
 from __future__ import annotations
