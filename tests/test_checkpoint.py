@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine import rundir
+from engine.runtime import rundir
 from engine.config import Config, config_to_dict, load_config
 from engine.logging import LOGGER_NAME
 from tests.helpers.checkpoints import RunsCode
