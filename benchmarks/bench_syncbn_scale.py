@@ -11,7 +11,7 @@ For ResNet-50's 53 BatchNorm layers (26,560 channels), per rank and training ste
   gradients    DDP's fp32 gradient all-reduce of the 25.6M parameters, for scale
 "Received" counts other ranks' data a rank ends up with: the all-gather's W-1 contributions, an all-reduce's one
 result (a ring all-reduce moves at most twice its message over the wire: the "ring" columns). The formula is then
-checked against bytes counted at the dispatcher (tests.helpers.comm_debug) from real collectives: one forward and backward
+checked against bytes counted at the dispatcher (engine.runtime.comm_debug) from real collectives: one forward and backward
 of every ResNet-50 BatchNorm shape through our layer on W gloo processes (small spatial size: bytes do not depend
 on it), both paths; the ratio must be exactly 1.
 """
@@ -29,7 +29,7 @@ from common import machine_banner, print_table, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.bn import SyncBatchNorm  # noqa: E402
-from tests.helpers.comm_debug import count_comm  # noqa: E402
+from engine.runtime.comm_debug import count_comm  # noqa: E402
 
 WORLDS = (2, 8, 64, 1024, 4096, 16384)
 MEASURED = (2, 4, 8)

@@ -28,10 +28,10 @@ from engine.bn import (
 from engine.bn.layers import first_order_only, refuse_second_derivative
 from engine.config import ModelConfig
 from engine.grad_checkpointing import enable_grad_checkpointing
+from engine.runtime.comm_debug import count_comm
 from engine.runtime.spawn import spawn
 from models import build_model
 from tasks import main_output
-from tests.helpers.comm_debug import count_comm
 from tests.helpers.jobs import (
     REPO_ROOT,
     error_lines,

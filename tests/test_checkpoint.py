@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.runtime import rundir
 from engine.config import Config, config_to_dict, load_config
 from engine.logging import LOGGER_NAME
+from engine.runtime import rundir
 from tests.helpers.checkpoints import RunsCode
 
 

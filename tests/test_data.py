@@ -94,3 +94,20 @@ def test_data_kwargs_reach_a_custom_builder_and_a_wrong_one_is_named():
             build_datasets(DataConfig(name="kwargs_probe", kwargs={"sclae": 2.5}), 10, 0)
     finally:
         DATASETS.pop("kwargs_probe")
+
+
+def test_the_train_sampler_is_torchs_distributed_sampler_with_its_arguments() -> None:
+    """A copier who knows DistributedSampler reads ours: the same class, constructor arguments and set_epoch."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from data.loaders import GlobalStepSampler
+
+    sampler = GlobalStepSampler(range(40), num_replicas=2, rank=1, seed=3, drop_last=True, batch_size=4)
+    assert isinstance(sampler, DistributedSampler)
+    assert (sampler.num_replicas, sampler.rank, sampler.seed, sampler.drop_last, sampler.shuffle) == (2, 1, 3, True, True)
+    sampler.set_epoch(2)
+    first = [index for index, epoch in sampler]
+    assert sampler.epoch == 2 and len(first) == len(sampler) == 20  # 5 global steps of 8, 4 per rank
+    other = GlobalStepSampler(range(40), num_replicas=2, rank=0, seed=3, batch_size=4)
+    other.set_epoch(2)
+    assert sorted(first + [index for index, _ in other]) == list(range(40))  # the two ranks split the epoch

@@ -31,8 +31,8 @@ from engine.bn import (
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
+from engine.runtime.comm_debug import count_comm
 from engine.runtime.spawn import REPO_ROOT, child_env
-from tests.helpers.comm_debug import count_comm
 from tests.helpers.jobs import error_lines, run_train, run_train_preloaded, tiny_overrides, wait_job
 from tests.helpers.syncbn import assert_case_passed, case_id, close
 

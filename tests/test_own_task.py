@@ -164,6 +164,17 @@ def test_a_task_of_ones_own_trains_scores_exactly_resumes_and_predicts(user_repo
     assert torch.tensor([r["probabilities"] for r in predicted]) == pytest.approx(probabilities, abs=1e-5)
     assert len(done.stdout.splitlines()) == 4 and "%" in done.stdout
 
+    # 4. export and BatchNorm recalibration take the task as any other
+    for script in (["scripts/export.py", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best.pt"), "--out",
+                    str(tmp_path / "exported" / "model")],
+                   ["scripts/recalibrate_bn.py", "--config", str(tmp_path / "run" / "config.yaml"), "--checkpoint",
+                    str(tmp_path / "run" / "checkpoints" / "best.pt"), "syncbn.precise_bn_samples=64"]):  # fmt: skip
+        done = subprocess.run([sys.executable, *script], cwd=user_repo, env=child_env(), capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "exported" / "model.json").read_text())["task"] == "multilabel"
+    assert "val_map" in done.stdout and (tmp_path / "run" / "checkpoints" / "best_recalibrated.pt").exists()
+
 
 def test_a_task_without_a_prediction_format_says_so_in_one_line(user_repo: Path, tmp_path: Path) -> None:
     """The same task with its ``predict`` removed still trains; predict refuses it by name, not as classification."""

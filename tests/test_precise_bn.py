@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from engine.bn import convert_sync_batchnorm, recompute_bn_stats
+from engine.runtime.comm_debug import count_comm
 from engine.runtime.spawn import spawn
-from tests.helpers.comm_debug import count_comm
 from tests.helpers.jobs import killed_and_resumed
 from tests.helpers.syncbn import population_statistics
 

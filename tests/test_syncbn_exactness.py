@@ -19,8 +19,8 @@ from engine.bn import (
     choose_collective,
     convert_sync_batchnorm,
 )
+from engine.runtime.comm_debug import count_comm
 from engine.runtime.spawn import spawn
-from tests.helpers.comm_debug import count_comm
 from tests.helpers.syncbn import (
     CHANNELS,
     PATHS,

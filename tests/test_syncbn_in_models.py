@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.bn import GhostBatchNorm, SyncBatchNorm, convert_ghost_batchnorm, convert_sync_batchnorm, sync_bn_buffers
-from tests.helpers.comm_debug import count_comm
+from engine.runtime.comm_debug import count_comm
 from tests.helpers.syncbn import (
     SIZES,
     assert_case_passed,

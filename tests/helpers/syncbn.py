@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from engine.bn import SyncBatchNorm
+from engine.runtime.comm_debug import CommLog
 from engine.runtime.spawn import SpawnError, spawn
-from tests.helpers.comm_debug import CommLog
 
 CHANNELS = 3
 TAILS = {2: (), 3: (4,), 4: (3, 4), 5: (2, 3, 2)}  # trailing dims per input rank
