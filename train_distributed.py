@@ -79,7 +79,14 @@ from engine.inputs import InputPrep
 from engine.logging import format_metrics, log_banner, log_epoch, print_error, setup_logger
 from engine.model_setup import prepare_model, running_statistics
 from engine.optim import build_optimizer, build_scheduler, scaled_lr
-from engine.runtime.distributed import cleanup, init_distributed, launch_world_size, lost_a_peer
+from engine.runtime.distributed import (
+    cleanup,
+    collective_timed_out,
+    dump_collective_trace,
+    init_distributed,
+    launch_world_size,
+    lost_a_peer,
+)
 from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from engine.runtime.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
 from engine.step_events import step_events
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. distributed: this process's rank and device from its launcher (torchrun's LOCAL_RANK, SLURM, --local_rank),
     # torch.cuda.set_device(local_rank), then dist.init_process_group(NCCL on GPUs, gloo on CPUs; dist.timeout_s)
-    ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)
+    ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0, cfg.output_dir)
     log = setup_logger(ctx.rank)  # rank 0 prints
     resume_path = rank0_decides(partial(prepare_output_dir, cfg))  # rank 0 looks; every rank resumes the same
     random.seed(cfg.train.seed + ctx.rank)
@@ -162,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     # 7. the epoch loop: train, evaluate, checkpoint, log
     loop = TrainLoop(model, optimizer, scheduler, scaler, cfg.train, task, inputs)  # what a training step needs
     run_start, first_epoch = time.perf_counter(), state.epoch
-    # stop signals, the watchdog, logs, the ranks' agreement, EMA updates, mid-epoch checkpoints
-    with step_events(checkpointer, bn_stats, steps) as events:
+    # stop signals, the watchdog, logs and trackers, the ranks' agreement, EMA updates, mid-epoch checkpoints
+    with step_events(checkpointer, bn_stats, state, steps) as events:
         while state.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             train_sampler.set_epoch(state.epoch, start_step=state.epoch_step)  # a resume continues at its sample
@@ -205,8 +212,14 @@ def run(argv: list[str] | None = None) -> int:
         print_error(str(exc), same_on_every_rank=True)
         return 1
     except (RuntimeError, ValueError) as exc:
-        if lost_a_peer(exc):
-            print_error("another process of the job ended first (its error is above; torchrun's summary names it)")
+        if lost_a_peer(exc) or collective_timed_out(exc):
+            traces = dump_collective_trace()  # which collective this rank was in, beside the other ranks' traces
+            where = f"; this rank's collectives: {traces}" if traces else ""
+            if lost_a_peer(exc):
+                print_error(f"another process of the job ended first (its error is above; torchrun's summary names it){where}")
+            else:
+                print_error(f"a collective waited dist.timeout_s for a rank that did not come{where} (python -m "
+                            f"torch.distributed.flight_recorder.fr_trace {traces or 'DIR'} -p rank_ compares the ranks)")
             return 1
         error = from_torch(exc)  # a torch error that means the input is wrong: one line naming the keys
         if error is None:

@@ -107,7 +107,9 @@ class TrainConfig:
     best_metric: str = "auto"  # picks best.pt: one of the task's metrics or the EMA's (auto: the task's first)
     print_freq: int = 20
     progress_bar: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no TensorBoard even where train.trackers names it
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "ddp-syncbn"  # the W&B project, the MLflow experiment
 
 
 @dataclass

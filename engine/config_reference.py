@@ -79,7 +79,10 @@ HELP: dict[str, str] = {
                          "its first (val_acc1, val_miou, val_map)",
     "train.print_freq": "steps between console lines and per-step TensorBoard points",
     "train.progress_bar": "a tqdm bar on rank 0 when attached to a terminal",
-    "train.tensorboard": "TensorBoard logs in output_dir/tensorboard",
+    "train.tensorboard": "TensorBoard logs in output_dir/tensorboard (false: none, whatever train.trackers says)",
+    "train.trackers": "where metrics go besides metrics.jsonl, on rank 0: tensorboard, wandb, mlflow (each imported "
+                      "only when named; one failing is a warning; docs/trackers.md)",
+    "train.tracker_project": "the W&B project and the MLflow experiment the run logs to",
     "syncbn.enabled": "convert every BatchNorm to SyncBatchNorm before DDP",
     "syncbn.impl": "auto (torch's on CUDA, ours elsewhere; ours with train.grad_checkpointing), torch or ours",
     "syncbn.collective": "ours: the forward collective, all_gather or all_reduce (O(C)); auto: all_reduce from 4 ranks",

@@ -1,4 +1,4 @@
-"""Rank-0 console, progress bar, TensorBoard and ``metrics.jsonl``: all output goes through here.
+"""Rank-0 console, progress bar, ``metrics.jsonl`` and the trackers (TensorBoard, ...): all output goes through here.
 
 Other ranks log errors only, so an 8-GPU job prints one story, not eight.
 """
@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from engine.config import Config, config_to_dict, global_batch_size, normalisation_batch, task_of
+from engine.config import Config, global_batch_size, normalisation_batch, task_of
 from engine.errors import UserError
 from engine.grad_checkpointing import CheckpointedSequential
 from engine.optim import scaled_lr
 from engine.runtime.distributed import DistContext, launch_rank, record_error_for_launcher
+from engine.trackers import Trackers
+from engine.train_state import TrainState
 
 LOGGER_NAME = "ddp"
 
@@ -223,51 +225,37 @@ def _max_memory() -> str:
 
 
 class MetricsWriter:
-    """One JSON object per epoch in ``metrics.jsonl`` plus TensorBoard scalars and, as text, the run's resolved
-    config (runs compare in TensorBoard without diffing config.yaml files); a no-op off rank 0."""
+    """One JSON object per epoch in ``metrics.jsonl``, and the same values, plus per-step ones, to the trackers
+    ``train.trackers`` names (TensorBoard by default: ``engine/trackers.py``); a no-op off rank 0. ``state``: the
+    run's, whose tracker runs a resume continues."""
 
-    def __init__(self, cfg: Config, enabled: bool) -> None:
+    def __init__(self, cfg: Config, enabled: bool, state: TrainState | None = None) -> None:
         self.enabled = enabled
         self.path = metrics_path(cfg.output_dir)
-        self.tb = None
-        if enabled and cfg.train.tensorboard:
-            import yaml
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=os.path.join(cfg.output_dir, "tensorboard"))
-            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-            self.tb.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()))  # markdown code
+        self.trackers = Trackers(cfg, state or TrainState(), get_logger().warning) if enabled else None
 
     def write(self, record: dict[str, Any], step: int) -> None:
+        """The record of epoch ``step`` (1-based: the epochs finished)."""
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(_tb_tag(key), value, step)
-                elif isinstance(value, list):  # per class (val_iou): one curve each, None where undefined
-                    for index, item in enumerate(value):
-                        if item is not None:
-                            self.tb.add_scalar(f"{_tb_tag(key)}/{index}", item, step)
-            self.tb.flush()
+        self.trackers.log_epoch(record, step)
 
     def add_step(self, step: int, **values: float) -> None:
-        """Per-step scalars (``step/<name>``, x = optimizer steps): loss, lr, throughput of all processes."""
-        if self.tb is not None:
-            for name, value in values.items():
-                self.tb.add_scalar(f"step/{name}", value, step)
+        """Per-step values (``step/<name>``, x = optimizer steps): loss, lr, throughput of all processes."""
+        if self.trackers is not None:
+            self.trackers.log_step(values, step)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def close(self, failed: bool = False) -> None:
+        if self.trackers is not None:
+            self.trackers.close(failed)
 
     def __enter__(self) -> MetricsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None and not issubclass(exc_type, KeyboardInterrupt))
 
 
 def metrics_path(output_dir: str) -> str:
@@ -297,8 +285,3 @@ def restore_metrics(output_dir: str, history: list[dict[str, Any]], finished_epo
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(tmp, path)
-
-
-def _tb_tag(key: str) -> str:
-    split, _, name = key.partition("_")
-    return f"{split}/{name}" if split in ("train", "val") and name else f"misc/{key}"

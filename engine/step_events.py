@@ -46,7 +46,7 @@ class StepEvents:
     global_batch: int  # samples per optimizer step over all processes
     stop: StopSignal
     save: Callable[..., None]  # (state, is_best=False): a checkpoint (mid-epoch: train.checkpoint_every_steps)
-    writer: MetricsWriter | None = None  # per-step TensorBoard scalars every train.print_freq steps (rank 0)
+    writer: MetricsWriter | None = None  # per-step values to the trackers every train.print_freq steps (rank 0)
     ema: ModelEma | None = None  # updated after every train.ema_every optimizer steps
     faults: FaultInjector | None = None  # test-only fault injection (debug.*)
     log_enabled: bool = True  # rank 0 prints the step lines
@@ -165,15 +165,21 @@ class SaveRun:
 
 
 @contextmanager
-def step_events(checkpointer: Checkpointer, bn_stats: RunningStatistics, steps_per_epoch: int) -> Iterator[StepEvents]:
+def step_events(checkpointer: Checkpointer, bn_stats: RunningStatistics, state: TrainState,
+                steps_per_epoch: int) -> Iterator[StepEvents]:  # fmt: skip
     """What runs around the steps of the run ``checkpointer`` saves, for as long as the loop runs: stop signals
     (SIGTERM, SIGUSR1: checkpoint and exit), the watchdog (a rank stuck outside collectives ends the job, naming
-    itself), TensorBoard and ``metrics.jsonl`` on rank 0, the ranks' agreement, EMA updates, mid-epoch checkpoints
-    with settled BatchNorm statistics, and the test suite's faults (``debug.*``, docs/testing.md)."""
+    itself), ``metrics.jsonl`` and the trackers on rank 0 (continuing ``state``'s tracker runs), the ranks'
+    agreement, EMA updates, mid-epoch checkpoints with settled BatchNorm statistics, and the test suite's faults
+    (``debug.*``, docs/testing.md)."""
     cfg, ctx = checkpointer.cfg, checkpointer.ctx
     faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # None unless a test asks for one
     save = SaveRun(checkpointer, bn_stats, faults)
-    with StopSignal() as stop, MetricsWriter(cfg, ctx.is_main) as writer, watch_steps(cfg.dist.step_timeout_s):
+    with (
+        StopSignal() as stop,
+        MetricsWriter(cfg, ctx.is_main, state) as writer,
+        watch_steps(cfg.dist.step_timeout_s),
+    ):
         yield StepEvents(cfg.train, checkpointer.model, checkpointer.optimizer, steps_per_epoch,
                          checkpointer.global_batch, stop, save, writer=writer, ema=checkpointer.ema, faults=faults,
                          log_enabled=ctx.is_main)  # fmt: skip

@@ -18,6 +18,7 @@ class TrainState:
     loss_sum: float = 0.0  # global (all ranks) train-loss sum of ``epoch`` so far
     loss_count: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
+    tracker_runs: dict[str, str] = field(default_factory=dict)  # tracker -> its run id (W&B, MLflow): a resume continues it
 
     def finish_step(self, loss_sums: list[float] = (), counts: list[int] = ()) -> None:
         """One optimizer step done, with the global loss sums and counts the ranks agreed on in it (if they did)."""

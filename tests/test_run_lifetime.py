@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shlex
 import signal
 import subprocess
@@ -143,6 +144,17 @@ def test_a_rank_stuck_in_a_step_ends_the_job_naming_itself(tmp_path: Path) -> No
     assert stuck and stuck[0].startswith("error (rank 1):") and "rank 1 is stuck" in stuck[0], err[-3000:]
     assert "at step 3" in stuck[0]
     assert elapsed < timeout_s + 60, f"the job took {elapsed:.0f} s to end"
+    # each rank's flight-recorder trace in the run directory, as the error line says: the stuck rank's from its
+    # watchdog, the waiting rank's from its failed collective; the waiting rank is inside a collective of step 3
+    traces = tmp_path / "run" / "flight_recorder"
+    assert f"(its collectives: {traces})" in stuck[0], stuck[0]
+    dumped = {path.name: pickle.loads(path.read_bytes()) for path in traces.glob("rank_*")}
+    assert set(dumped) == {"rank_0", "rank_1"}, (sorted(dumped), err[-3000:])
+    # gloo marks no entry completed; the sequence numbers show the collective rank 1 never reached
+    last = {name: max(e["collective_seq_id"] for e in trace["entries"]) for name, trace in dumped.items()}
+    assert last["rank_1"] > 0 and last["rank_0"] > last["rank_1"], last
+    (first_missed,) = [e for e in dumped["rank_0"]["entries"] if e["collective_seq_id"] == last["rank_1"] + 1]
+    assert "train_distributed.py" in str(first_missed["frames"]), first_missed  # with the Python stack that issued it
 
 
 def test_a_rank_killed_by_a_native_abort_prints_its_python_stack(tmp_path: Path) -> None:

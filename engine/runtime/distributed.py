@@ -200,11 +200,14 @@ def select_backend(requested: str, cuda_available: bool) -> str:
     return requested
 
 
-def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_group_size: int = 0) -> DistContext:
+def init_distributed(cfg: DistConfig, local_rank_arg: int | None = None, syncbn_group_size: int = 0,
+                     output_dir: str | None = None) -> DistContext:  # fmt: skip
     """Tie this worker to its launcher, set the device, create the process group (only when world size > 1) and
-    the SyncBN groups."""
+    the SyncBN groups; with ``output_dir``, the collectives' flight-recorder traces land there on a failure."""
     if cfg.exit_with_launcher:
         exit_with_launcher()
+    if output_dir is not None:
+        keep_collective_traces(output_dir)
     env = detect_launch_env(local_rank_arg)
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
         raise LaunchError(f"launcher gave rank {env.rank} of world size {env.world_size}")
@@ -248,6 +251,48 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout_s: floa
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if backend == "nccl" else None,
     )
+
+
+TRACE_DIR = "flight_recorder"  # under output_dir: rank_<r>, one file per rank
+_trace_prefix: str | None = None
+
+
+def keep_collective_traces(output_dir: str) -> None:
+    """Where each rank's flight-recorder trace goes: ``output_dir/flight_recorder/rank_<r>`` (torch records every
+    rank's recent collectives by default: op, sizes, state, Python stack). NCCL writes it itself when a collective
+    times out (``TORCH_NCCL_DUMP_ON_TIMEOUT``); on any backend the run writes it when a collective fails or the
+    watchdog fires (:func:`dump_collective_trace`). Variables the user set win."""
+    global _trace_prefix
+    _trace_prefix = os.path.join(os.path.abspath(output_dir), TRACE_DIR, "rank_")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", _trace_prefix)
+    if torch.cuda.is_available():  # NCCL's own dump opens the file: its folder must exist
+        os.makedirs(os.path.dirname(_trace_prefix), exist_ok=True)
+
+
+def dump_collective_trace() -> str | None:
+    """This rank's flight-recorder trace, written beside the other ranks' (``python -m
+    torch.distributed.flight_recorder.fr_trace DIR -p rank_`` reads them together); the folder, or None without a
+    process group or a run directory. Never raises: a trace helps explain an error, it must not replace it."""
+    if _trace_prefix is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from torch._C._distributed_c10d import _dump_fr_trace
+
+        path = f"{_trace_prefix}{dist.get_rank()}"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(_dump_fr_trace())
+        os.replace(f"{path}.tmp", path)
+        return os.path.dirname(path)
+    except Exception:
+        return None
+
+
+def collective_timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that waited ``dist.timeout_s`` for a rank that never came (gloo, NCCL)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "collective operation timeout" in text)
 
 
 # what a collective raises when another process of the job is gone: that process's error is the one to read

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 
 from engine.logging import print_error
-from engine.runtime.distributed import launch_rank
+from engine.runtime.distributed import dump_collective_trace, launch_rank
 
 GRACE_S = 30.0  # at most this long, a rank waiting in a collective lets the stuck peer report first
 
@@ -58,8 +58,10 @@ class StepWatchdog:
                 what = f"rank {rank} waited in a collective ({self.where}) for a peer that stopped"
             else:
                 what = f"rank {rank} is stuck {self.where}"
+            traces = dump_collective_trace()
+            where = f" (its collectives: {traces})" if traces else ""
             print_error(f"no training step finished for {idle:.0f} s (dist.step_timeout_s={self.timeout_s:g}): "
-                        f"{what} at step {self.step}; ending the job")
+                        f"{what} at step {self.step}; ending the job{where}")
             os._exit(1)
 
 
