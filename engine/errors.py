@@ -7,6 +7,8 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A problem the user fixes by changing an input; the message names the key, file or rank."""
@@ -75,4 +77,9 @@ def from_torch(exc: BaseException) -> UserError | None:
                           "through a pooled feature); use data.batch_size >= 2 per process or syncbn.enabled=true")
         error.same_on_every_rank = False  # met by the rank whose batch it was
         return error
+    channels = re.search(r"expected input\[([\d, ]+)\] to have (\d+) channels, but got (\d+) channels", text)
+    if isinstance(exc, RuntimeError) and channels:
+        return DataError(f"data.channels: the images have {channels.group(3)} channels but the model's first layer "
+                         f"takes {channels.group(2)}; make them agree (data.channels, or the model's input channels "
+                         "in model.kwargs, e.g. in_channels or in_chans)")
     return None

@@ -7,7 +7,8 @@ the preprocessing saved beside it.
 
 The program takes float images (N, 3, H, W), RGB, scaled to [0, 1] and normalised by the mean and std in
 ``<out>.json``, resized and cropped as it says (what ``scripts/predict.py`` does), and returns logits ((N, classes),
-or (N, classes, H', W') for segmentation). The batch size is dynamic. ONNX needs ``onnx``, ``onnxscript`` and
+or (N, classes, H', W') for segmentation); a run on generated data takes tensors like its samples (``<out>.json``
+says their shape). The batch size is dynamic. ONNX needs ``onnx``, ``onnxscript`` and
 ``onnxruntime`` (``pip install -r requirements-export.txt``); onnxruntime checks the file before it is kept.
 
 Load it: ``program = torch.export.load("model.pt2"); logits = program.module()(images)``.
@@ -38,9 +39,11 @@ ATOL, RTOL = 1e-4, 1e-4  # exported vs eager, float32 on the CPU (the same kerne
 
 def example_input(trained: TrainedModel, batch: int = 2) -> torch.Tensor:
     """A batch of the size the model is fed at evaluation: the crop, or for segmentation the resize (or the
-    training crop when images are evaluated as stored)."""
-    side = trained.preprocessing.crop or trained.preprocessing.resize or trained.cfg.data.image_size
-    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    training crop when images are evaluated as stored); a run on generated data: its samples' channels and side."""
+    p, data = trained.preprocessing, trained.cfg.data
+    side = (p.crop or p.resize if p is not None else 0) or data.image_size
+    channels = 3 if p is not None else data.channels
+    return torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(0))
 
 
 def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -103,11 +106,15 @@ def export(argv: list[str] | None = None) -> list[str]:
     program = export_program(trained.model, example)
     torch.export.save(program, written[0])
     p = trained.preprocessing
+    if p is not None:
+        feed = (f"float32 (N, 3, H, W), RGB scaled to [0, 1], minus mean, over std; short side resized to "
+                f"{p.resize or 'as stored'}, center crop {p.crop or 'none'}")  # fmt: skip
+    else:
+        feed = (f"float32 (N, {example.shape[1]}, {example.shape[2]}, {example.shape[3]}) as the run's generated "
+                f"samples (data.name={trained.cfg.data.name}: no image preprocessing)")  # fmt: skip
     with open(written[1], "w", encoding="utf-8") as f:
         json.dump({"task": trained.cfg.task, "model": trained.cfg.model.name, "class_names": trained.class_names,
-                   "preprocessing": p.as_dict(),
-                   "input": f"float32 (N, 3, H, W), RGB scaled to [0, 1], minus mean, over std; short side resized "
-                            f"to {p.resize or 'as stored'}, center crop {p.crop or 'none'}",
+                   "preprocessing": p.as_dict() if p is not None else None, "input": feed,
                    "weights": "EMA" if args.ema else "model", "checkpoint": os.path.abspath(args.checkpoint)},
                   f, indent=2)  # fmt: skip
     if args.onnx:

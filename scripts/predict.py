@@ -141,6 +141,11 @@ def predict(argv: list[str] | None = None) -> list:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     trained = load_trained_model(args.checkpoint, ema=args.ema)
+    if trained.preprocessing is None:
+        raise UserError(f"{args.checkpoint}: its run trained on generated samples (data.name={trained.cfg.data.name}), "
+                        "not image files, so there is no image preprocessing to apply: predict takes the images of "
+                        "a run on image files (data.name=imagefolder, ...); scripts/export.py exports this model for "
+                        "tensors like its samples")  # fmt: skip
     task = task_class(trained.cfg.task)
     if task.model_family == "classification" and task.predict is Task.predict:
         raise UserError(f"{args.checkpoint}: task {trained.cfg.task} has no prediction format (give its class in "

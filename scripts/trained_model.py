@@ -24,7 +24,7 @@ class TrainedModel:
     model: nn.Module  # eval mode, plain BatchNorm, on the CPU
     cfg: Config  # the run's
     class_names: list[str]
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None  # None: the run trained on generated tensors, not on image files
 
 
 class Logits(nn.Module):
@@ -43,10 +43,6 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
     checkpoint = load_checkpoint(path)
     cfg = config_from_dict(checkpoint["config"])
     inference = checkpoint.get("inference") or {}
-    if not inference.get("preprocessing"):
-        raise CheckpointError(f"checkpoint {path} has no image preprocessing: its run trained on generated data "
-                              "(data.name=synthetic...), or it was written before checkpoints kept it; predict and "
-                              "export need a run on image files")  # fmt: skip
     if ema and "ema" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} holds no EMA (its run had train.ema_decay=0); drop --ema")
     model = build_model(dataclasses.replace(cfg.model, pretrained=False), cfg.task)  # the weights are here
@@ -54,5 +50,5 @@ def load_trained_model(path: str, ema: bool = False) -> TrainedModel:
     check_model_compatible(weights, model, path)
     model.load_state_dict(weights)
     names = inference.get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
-    return TrainedModel(revert_sync_batchnorm(model).eval(), cfg, names,
-                        Preprocessing.from_dict(inference["preprocessing"]))  # fmt: skip
+    preprocessing = Preprocessing.from_dict(inference["preprocessing"]) if inference.get("preprocessing") else None
+    return TrainedModel(revert_sync_batchnorm(model).eval(), cfg, names, preprocessing)

@@ -181,3 +181,25 @@ def test_predicted_masks_score_the_runs_val_miou_and_a_segmentation_model_export
     written = export(["--checkpoint", str(best), "--out", str(tmp_path / "seg_model")])
     program = torch.export.load(written[0])
     assert program.module()(torch.randn(3, 3, 24, 24)).shape == (3, 4, 24, 24)
+
+
+def test_the_default_jobs_model_exports_and_predict_says_what_input_it_takes(tmp_path) -> None:
+    """After the three commands: a run on generated samples exports (for tensors like its samples); predict, which
+    takes image files, says so in one line."""
+    from scripts.export import export
+    from scripts.predict import main as predict_main
+
+    bad = tiny_overrides(tmp_path / "bad", train__epochs=1, data__channels=1)
+    rc, _, err = run_train_preloaded(bad)  # a model for 3 channels: one line naming the keys
+    assert rc == 1 and error_lines(err) == ["error: data.channels: the images have 1 channels but the model's first "
+                                            "layer takes 3; make them agree (data.channels, or the model's input "
+                                            "channels in model.kwargs, e.g. in_channels or in_chans)"], err[-3000:]
+    args = tiny_overrides(tmp_path / "run", train__epochs=1, data__channels=1, model__kwargs="{width: 4, in_channels: 1}")
+    rc, _, err = run_train_preloaded(args)
+    assert rc == 0, err[-3000:]
+    best = str(tmp_path / "run" / "checkpoints" / "best.pt")
+    written = export(["--checkpoint", best, "--out", str(tmp_path / "model")])
+    meta = json.loads(Path(written[1]).read_text())
+    assert meta["preprocessing"] is None and meta["input"].startswith("float32 (N, 1, 32, 32)"), meta
+    assert torch.export.load(written[0]).module()(torch.randn(3, 1, 32, 32)).shape == (3, 10)
+    assert predict_main(["--checkpoint", best, str(tmp_path)]) == 1
