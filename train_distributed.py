@@ -17,7 +17,7 @@ import os
 import sys
 from typing import NoReturn
 
-from engine.config import load_config
+from engine.config import config_text, load_config
 from engine.config_reference import reference_text
 
 
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                f"{reference_text()}\n\nMore in README.md (launching, your own model, dataset and task, outputs) and docs/.",
     )  # fmt: skip
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file, the overrides, the defaults) as YAML and exit")
     # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank (older); torchrun sets LOCAL_RANK
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. config: read, override, validate: before any process group, so a typo fails fast on every rank
     cfg = load_config(args.config, args.overrides, launch_world_size(args.local_rank))
+    if args.print_config:
+        print(config_text(cfg), end="")
+        return 0
 
     # 2. distributed: this process's rank and device from its launcher (torchrun's LOCAL_RANK, SLURM, --local_rank),
     # torch.cuda.set_device(local_rank), then dist.init_process_group(NCCL on GPUs, gloo on CPUs; dist.timeout_s)
@@ -226,8 +231,10 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print_error(str(error), error.same_on_every_rank)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: rank 0 says it once
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: the same command resumes from the last checkpoint (what trained since is lost; "
+                  "SIGTERM or SIGUSR1 checkpoint before stopping)", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
         release_output_dirs()  # a start that failed leaves no run-looking directory behind

@@ -366,11 +366,16 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML so the run can be reproduced with ``--config path`` (a per-process batch
-    derived from ``data.global_batch_size`` is left out: it is derived again, for any world size)."""
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML, as ``config.yaml`` holds it: ``--config`` on it reproduces the run (a per-process
+    batch derived from ``data.global_batch_size`` is left out: it is derived again, for any world size)."""
     data = config_to_dict(cfg)
     if cfg.data.global_batch_size:
         del data["data"]["batch_size"]
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    """Write :func:`config_text` to ``path``."""
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
+        f.write(config_text(cfg))

@@ -7,6 +7,7 @@ ranks' agreement, logging, the EMA, mid-epoch checkpoints) reaches it through :c
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +24,10 @@ from engine.train_state import TrainState
 
 if TYPE_CHECKING:
     from tasks.registry import Task  # the interface only: engine/ imports no task
+
+# fp16's GradScaler skips the optimizer step when the gradients overflow (by design, often in the first steps); the
+# schedule still advances once per step, so the learning rate stays a function of the step (and of a resume)
+warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`", UserWarning)
 
 
 @dataclass

@@ -217,3 +217,18 @@ def test_norm_batch_size_delivers_its_group_or_split_and_names_the_nearest_valid
     with pytest.raises(ConfigError, match=r"nearest valid: 32$"):
         load_config(None, ["data.batch_size=8", "syncbn.norm_batch_size=64"], world_size=4)
     assert load_config(None, ["syncbn.norm_batch_size=0"], world_size=4).syncbn.enabled  # off: the keys as set
+
+
+def test_print_config_shows_the_resolved_config_without_running(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from engine.config import config_text
+    from tests.helpers.jobs import REPO_ROOT, TRAIN_SCRIPT
+
+    args = ["--config", "configs/cifar10_resnet18.yaml", "train.epochs=3", f"output_dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, TRAIN_SCRIPT, "--print-config", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == config_text(load_config(args[1], args[2:]))
+    assert yaml.safe_load(done.stdout)["train"]["epochs"] == 3 and not (tmp_path / "run").exists()

@@ -56,6 +56,7 @@ def test_single_process_outputs_and_auto_resume(tmp_path):
     assert_trained(out, 1, "single", stdout)
     assert "backend none" in stdout
     assert stderr.count("\n") < 5, stderr  # no warnings or tracebacks on a clean run
+    assert not (out / "run.lock").exists()  # a run that ended has no holder to name
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["output_dir"] == str(out) and resolved["train"]["epochs"] == 2

@@ -118,16 +118,18 @@ _created: set[str] = set()  # output_dirs this process made
 
 
 def release_output_dirs() -> None:
-    """At exit: a run directory this process took but in which no run began (a start that failed before the
-    resolved config was written) gets back to how it was: no lock file, no empty ``checkpoints/``, and no directory
-    at all when this process made it. A started run's directory keeps everything (its lock file names the holder)."""
+    """At exit: the lock file goes (a run that ended has no holder to name; one killed outright leaves it, naming
+    a dead process, which the next start takes over). A run directory this process took but in which no run began
+    (a start that failed before the resolved config was written) gets back to how it was: no empty
+    ``checkpoints/``, and no directory at all when this process made it."""
     for key, fd in list(_held_locks.items()):
+        with contextlib.suppress(OSError):  # removed while held: a start racing this exit finds no live holder
+            os.remove(os.path.join(key, LOCK_FILE))
         if not os.path.exists(os.path.join(key, "config.yaml")) and not has_run_outputs(key):
-            for path, remove in ((os.path.join(key, LOCK_FILE), os.remove),
-                                 (os.path.join(key, CHECKPOINT_DIR), os.rmdir), (key, os.rmdir)):  # fmt: skip
+            for path in (os.path.join(key, CHECKPOINT_DIR), key):
                 if path != key or key in _created:
                     with contextlib.suppress(OSError):  # not empty, or already gone: leave it
-                        remove(path)
+                        os.rmdir(path)
         os.close(fd)
         del _held_locks[key]
 
