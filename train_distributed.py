@@ -67,6 +67,7 @@ from data.loaders import (
     build_precise_batches,
     build_train_loader,
     build_val_loader,
+    num_workers,
     samples_file,
     steps_per_epoch,
 )
@@ -88,6 +89,7 @@ from engine.runtime.distributed import (
     init_distributed,
     launch_world_size,
     lost_a_peer,
+    set_cpu_threads,
 )
 from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from engine.runtime.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. distributed: this process's rank and device from its launcher (torchrun's LOCAL_RANK, SLURM, --local_rank),
     # torch.cuda.set_device(local_rank), then dist.init_process_group(NCCL on GPUs, gloo on CPUs; dist.timeout_s)
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0, cfg.output_dir)
+    set_cpu_threads(num_workers(cfg.data))  # the CPUs this process may use, less its loader workers' (OMP_NUM_THREADS wins)
     log = setup_logger(ctx.rank)  # rank 0 prints
     resume_path = rank0_decides(partial(prepare_output_dir, cfg))  # rank 0 looks; every rank resumes the same
     random.seed(cfg.train.seed + ctx.rank)

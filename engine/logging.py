@@ -82,7 +82,8 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module) -> None:
         f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
         f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
         f"{_describe_checkpointing(model)}"
-        f"   torch {torch.__version__} | python {platform.python_version()} | output {cfg.output_dir}"
+        f"   torch {torch.__version__} | python {platform.python_version()} | {_describe_threads()} | "
+        f"output {cfg.output_dir}"
     )
 
 
@@ -97,6 +98,11 @@ def _image_size(cfg: Config, model: torch.nn.Module) -> str:
         evaluation = f"short side {cfg.data.base_size}" if cfg.data.base_size else "as stored"
         return f"{cfg.data.image_size} px crops, evaluated {evaluation}"
     return f"{cfg.data.image_size} px"
+
+
+def _describe_threads() -> str:
+    source = "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "its CPUs less its loader workers"
+    return f"{torch.get_num_threads()} CPU threads per process ({source})"
 
 
 def _describe_bn(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> str:

@@ -63,7 +63,7 @@ def test_a_global_step_holds_the_same_augmented_samples_at_any_world_size_and_af
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
-def test_auto_loader_workers_leave_each_process_one_cpu():
+def test_auto_loader_workers_leave_each_process_one_cpu(tmp_path):
     from data.loaders import num_workers
     from engine.config import DataConfig
     from engine.runtime.distributed import cpus_per_process
@@ -72,6 +72,11 @@ def test_auto_loader_workers_leave_each_process_one_cpu():
     assert cpus_per_process({}) == cpus
     assert cpus_per_process({"LOCAL_WORLD_SIZE": str(cpus)}) == 1
     assert cpus_per_process({"LOCAL_WORLD_SIZE": str(4 * cpus)}) == 1  # never less than one
+    quota = tmp_path / "cpu.max"  # a container's quota: 1.5 CPUs -> 2, "max" -> no cap
+    quota.write_text("150000 100000\n")
+    assert cpus_per_process({}, str(quota)) == min(cpus, 2)
+    quota.write_text("max 100000\n")
+    assert cpus_per_process({}, str(quota)) == cpus
     assert num_workers(DataConfig(num_workers=3)) == 3
     assert num_workers(DataConfig()) == min(8, cpus_per_process() - 1) >= 0
 

@@ -127,12 +127,29 @@ def record_error_for_launcher(message: str) -> None:
             json.dump({"message": {"message": message, "extraInfo": info}}, f)
 
 
-def cpus_per_process(environ: Mapping[str, str] | None = None) -> int:
-    """The CPUs this process may use, shared by the processes the launcher started on this node."""
+def cpus_per_process(environ: Mapping[str, str] | None = None, cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPUs this process may use (its affinity, capped by a container's CPU quota: cgroup v2's ``cpu.max``),
+    shared by the processes the launcher started on this node."""
     environ = os.environ if environ is None else environ
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open(cgroup, encoding="ascii") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
     text = environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE") or "1"
     return max(1, cpus // max(1, int(text) if text.isdigit() else 1))
+
+
+def set_cpu_threads(loader_workers: int) -> None:
+    """torch's CPU threads for this process: ``OMP_NUM_THREADS`` when set (torchrun sets 1 for several processes);
+    otherwise the CPUs this process may use (:func:`cpus_per_process`) less its loader workers, at least one. torch's
+    own default takes every core of the machine, also those of a container's quota or of the other processes of
+    the node, and threads that outnumber the CPUs wait on each other."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, cpus_per_process() - loader_workers))
 
 
 def launch_rank(environ: Mapping[str, str] | None = None) -> int:
