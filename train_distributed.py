@@ -91,7 +91,7 @@ from engine.runtime.distributed import (
     lost_a_peer,
     set_cpu_threads,
 )
-from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, record_exit_code
 from engine.runtime.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
 from engine.step_events import step_events
 from engine.train_state import TrainState
@@ -210,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """``main`` with the exit codes a scheduler understands and one-line errors instead of tracebacks."""
+    code = _run(argv)
+    record_exit_code(code)  # for the launch scripts: torchrun itself reports 1 for any worker's non-zero code
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     faulthandler.enable(all_threads=True)  # a native abort (a collective library, a kernel) shows each thread's stack
     try:
         return main(argv)

@@ -14,7 +14,8 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 NPROC=${1:?usage: NNODES=N|MIN:MAX RDZV_ENDPOINT=host:port JOB_ID=.. $0 NPROC --config FILE [overrides]}
 shift
 cd "$(dirname "$0")/.."
-exec torchrun \
+source scripts/torchrun_status.sh  # the workers' exit code (75: relaunch to resume), not torchrun's 1
+run_torchrun \
   --nnodes="${NNODES:?set NNODES}" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT}" --rdzv_id="${JOB_ID:-ddp-syncbn}" \
   ${RDZV_CONF:+--rdzv_conf="$RDZV_CONF"} --max_restarts="${MAX_RESTARTS:-3}" train_distributed.py "$@"

@@ -9,7 +9,8 @@ set -euo pipefail
 NPROC=${1:?usage: NNODES=.. NODE_RANK=.. MASTER_ADDR=.. [MASTER_PORT=29500] $0 NPROC --config FILE [overrides]}
 shift
 cd "$(dirname "$0")/.."
-exec torchrun \
+source scripts/torchrun_status.sh  # the workers' exit code (75: relaunch to resume), not torchrun's 1
+run_torchrun \
   --nnodes="${NNODES:?set NNODES}" --node_rank="${NODE_RANK:?set NODE_RANK}" \
   --master_addr="${MASTER_ADDR:?set MASTER_ADDR}" --master_port="${MASTER_PORT:-29500}" \
   --nproc_per_node="$NPROC" train_distributed.py "$@"

@@ -6,4 +6,5 @@ set -euo pipefail
 NPROC=${1:?usage: $0 NPROC --config FILE [section.key=value ...]}
 shift
 cd "$(dirname "$0")/.."
-exec torchrun --standalone --nproc_per_node="$NPROC" train_distributed.py "$@"
+source scripts/torchrun_status.sh  # the workers' exit code (75: relaunch to resume), not torchrun's 1
+run_torchrun --standalone --nproc_per_node="$NPROC" train_distributed.py "$@"

@@ -22,6 +22,8 @@ from engine.runtime.agreement import Agreement, start_agreement
 from engine.runtime.preemption import EXIT_PREEMPTED
 from engine.runtime.spawn import spawn
 from tests.helpers.jobs import (
+    REPO_ROOT,
+    child_env,
     run_train,
     run_train_preloaded,
     start_train,
@@ -197,3 +199,27 @@ def test_every_rank_agrees_on_stop_and_non_finite_loss_whichever_rank_saw_it() -
     # inf, NaN, and inf + -inf on different ranks: each of those steps' sum is non-finite; the first is reported
     assert [math.isfinite(total) for total in rest.loss_sums] == [True, False, False, False]
     assert rest.first_nonfinite() == 1
+
+
+def test_the_launch_script_returns_the_workers_75_when_signalled(tmp_path: Path) -> None:
+    """torchrun exits 1 when signalled; scripts/launch_single_node.sh returns what its workers said (75: a checkpoint
+    was saved), so a requeue loop (`[ $? -eq 75 ]`) works; a normal end is 0."""
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, data__num_train=1024, train__epochs=1, train__checkpoint_every_steps=4)
+    script = [str(REPO_ROOT / "scripts" / "launch_single_node.sh"), "2", "--config", str(REPO_ROOT / "configs" /
+              "default.yaml"), *args]  # fmt: skip
+    proc = subprocess.Popen(["bash", *script], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_file(run_dir / "checkpoints" / "last.pt", proc)
+        os.kill(proc.pid, signal.SIGTERM)  # the script only, as a scheduler signals the batch step's process
+    finally:
+        rc, out, err = wait_job(proc, timeout=90)
+    assert rc == EXIT_PREEMPTED, f"rc {rc}\n{out[-2000:]}\n{err[-3000:]}"
+    assert "stop signal received: checkpoint saved at step" in out
+    proc = subprocess.Popen(["bash", *script], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    rc, out, err = wait_job(proc, timeout=90)
+    assert rc == 0 and "resumed from" in out, err[-3000:]

@@ -6,6 +6,7 @@ The handler only records the signal. The trainer hands the request on at the ran
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
@@ -37,3 +38,13 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
+
+
+def record_exit_code(code: int) -> None:
+    """Leave this worker's exit code in ``$DDP_EXIT_CODE_DIR/<rank>`` when a launch script asks for it: torchrun
+    exits 1 whenever a worker exits non-zero, so ``scripts/launch_*.sh`` return the workers' own 75 (checkpoint
+    saved, relaunch to resume) or 130 (interrupted) from here, for a scheduler or a requeue loop to act on."""
+    folder = os.environ.get("DDP_EXIT_CODE_DIR")
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, os.environ.get("RANK", "0")), "w", encoding="ascii") as f:
+            f.write(f"{code}\n")
