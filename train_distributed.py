@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     # exact (unpadded) sharding for evaluation
     datasets = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
     task = build_task(cfg, datasets.ground_truth)  # the loss of a batch, the validation scores (tasks/)
+    datasets.train = task.training_split(datasets.train)  # a training sample as the task sees it (contrastive: 2 views)
     train_sampler = GlobalStepSampler(
         datasets.train, ctx.world_size, ctx.rank, cfg.train.seed, cfg.data.drop_last, batch_size=cfg.data.batch_size,
         accumulate_steps=cfg.train.accumulate_steps,

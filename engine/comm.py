@@ -56,6 +56,29 @@ def start_all_reduce_sum(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     return wait
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # what every rank's loss says of every row, summed; this rank keeps its own rows
+        rows = grad.shape[0] // get_world_size()
+        return grad[get_rank() * rows : (get_rank() + 1) * rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (the same shape on each) concatenated in rank order, **with gradients**: a loss on the
+    result sends each rank's share of its gradient back to the rank that computed those rows (contrastive
+    negatives from every rank). ``dist.all_gather`` alone cuts the graph; torch's ``distributed.nn`` gather needs a
+    reduce-scatter, which gloo lacks: here one all-reduce of the gathered gradient (W x the bytes, any backend)."""
+    return _AllGatherWithGrad.apply(x) if is_initialized() and get_world_size() > 1 else x
+
+
 def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Every rank's object, on every rank (small things only: RNG states, flags)."""
     if not is_initialized():

@@ -21,7 +21,8 @@ from engine.errors import ConfigError
 if TYPE_CHECKING:
     from tasks.registry import Task
 
-__all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config", "global_batch_size", "load_config"]
+__all__ = ["Config", "ConfigError", "apply_overrides", "config_from_dict", "config_to_dict", "dump_config", "global_batch_size",
+           "load_config"]
 
 
 
@@ -45,6 +46,7 @@ class ModelConfig:
     pretrained: bool = False  # the library's weights, fetched once per node into its cache (docs/models.md)
     aux_loss_weight: float = 0.0  # segmentation: > 0 builds the auxiliary head and adds its weighted loss
     unfreeze_bn: bool = False  # detection: the backbone's FrozenBatchNorm2d made trainable BatchNorm2d (for SyncBN)
+    projection_dim: int = 128  # contrastive: the projection head's output size
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
 
 
@@ -63,6 +65,10 @@ class DataConfig:
     decoder: Literal["auto", "torchvision", "pil"] = "auto"  # image files: auto picks the fastest that reads them
     aspect_ratio_group_factor: int = 3  # detection: each step's images from one of 2k+2 aspect-ratio bins (0 = off)
     drop_last: bool = True
+    view_crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # contrastive: each view's crop area
+    view_color_jitter: float = 0.5  # contrastive: SimCLR's colour strength s (jitter 0.8s, hue 0.2s, p 0.8); 0 = off
+    view_grayscale: float = 0.2  # contrastive: probability of a grayscale view
+    view_blur: float = 0.0  # contrastive: probability of a Gaussian blur (SimCLR: 0.5 on ImageNet, none on CIFAR)
     download: bool = False  # cifar only: opt in to downloading
     # synthetic/fake datasets only
     num_train: int = 4096
@@ -87,6 +93,9 @@ class TrainConfig:
     step_gamma: float = 0.1
     min_lr: float = 0.0
     label_smoothing: float = 0.0
+    temperature: float = 0.2  # contrastive: NT-Xent's temperature
+    knn_k: int = 20  # contrastive: neighbours of the k-NN monitor (val_knn_acc1)
+    knn_temperature: float = 0.07  # contrastive: the k-NN monitor's vote temperature
     accumulate_steps: int = 1
     clip_grad_norm: float = 0.0  # 0 = off
     amp: Literal["off", "bf16", "fp16"] = "off"
@@ -193,6 +202,14 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` (a checkpoint's, say) with ``section.key=value`` overrides applied, validated again."""
+    raw = config_to_dict(cfg)
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw)
+
+
 def resolve_defaults(cfg: Config) -> Config:
     """``train.best_metric: auto`` -> the task's headline metric (val_acc1, val_miou, val_map); another task's metric
     is an error naming the ones this task has. Detection evaluates one image per batch unless told otherwise
@@ -293,6 +310,15 @@ def validate(cfg: Config) -> None:
         (0 < cfg.train.step_gamma <= 1, "train.step_gamma", "must be in (0, 1]"),
         (cfg.train.min_lr >= 0, "train.min_lr", "must be >= 0"),
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
+        (cfg.train.temperature > 0, "train.temperature", "must be > 0"),
+        (cfg.train.knn_k >= 1, "train.knn_k", "must be >= 1"),
+        (cfg.train.knn_temperature > 0, "train.knn_temperature", "must be > 0"),
+        (cfg.model.projection_dim >= 1, "model.projection_dim", "must be >= 1"),
+        (len(cfg.data.view_crop_scale) == 2 and 0 < cfg.data.view_crop_scale[0] <= cfg.data.view_crop_scale[1] <= 1,
+         "data.view_crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
+        (cfg.data.view_color_jitter >= 0, "data.view_color_jitter", "must be >= 0 (0 = off)"),
+        (0 <= cfg.data.view_grayscale <= 1, "data.view_grayscale", "must be in [0, 1]"),
+        (0 <= cfg.data.view_blur <= 1, "data.view_blur", "must be in [0, 1]"),
         (cfg.train.accumulate_steps >= 1, "train.accumulate_steps", "must be >= 1"),
         (cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)"),
         (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = per epoch)"),

@@ -18,6 +18,7 @@ HELP: dict[str, str] = {
     "model.num_classes": "number of outputs (must match the dataset)",
     "model.pretrained": "the library's weights, fetched once per node into its cache (docs/models.md)",
     "model.kwargs": "extra keyword arguments for the model's builder",
+    "model.projection_dim": "contrastive: the projection head's output size (SimCLR's 128)",
     "model.aux_loss_weight": "segmentation: > 0 builds the model's auxiliary head and adds this weight x its loss",
     "model.unfreeze_bn": "detection: the backbone's FrozenBatchNorm2d (torchvision's, with pretrained weights) made "
                          "trainable BatchNorm2d, so SyncBN synchronises it",
@@ -38,6 +39,11 @@ HELP: dict[str, str] = {
     "data.aspect_ratio_group_factor": "detection: each step's images from one of 2k+2 aspect-ratio bins, as "
                                       "torchvision's reference (3); 0 = off",
     "data.drop_last": "drop the last incomplete training batch",
+    "data.view_crop_scale": "contrastive: each view's random crop, as a fraction of the image's area [low, high]",
+    "data.view_color_jitter": "contrastive: colour strength s on uint8 images (brightness, contrast, saturation 0.8s, hue "
+                              "0.2s, with p 0.8); 0 = off",
+    "data.view_grayscale": "contrastive: probability of a grayscale view (uint8 images)",
+    "data.view_blur": "contrastive: probability of a Gaussian blur (uint8 images; SimCLR: 0.5 on ImageNet)",
     "data.download": "cifar: let torchvision fetch the archive into data.root",
     "data.num_train": "synthetic and fake data: training samples",
     "data.num_val": "synthetic and fake data: validation samples",
@@ -57,6 +63,9 @@ HELP: dict[str, str] = {
     "train.step_gamma": "step schedule: the factor at each milestone",
     "train.min_lr": "the floor of the cosine schedule",
     "train.label_smoothing": "cross-entropy label smoothing",
+    "train.temperature": "contrastive: NT-Xent's temperature",
+    "train.knn_k": "contrastive: neighbours in the k-NN monitor (val_knn_acc1)",
+    "train.knn_temperature": "contrastive: the k-NN monitor's vote temperature (votes weighted exp(cosine / t))",
     "train.accumulate_steps": "gradient accumulation (no gradient all-reduce on the other micro-steps)",
     "train.clip_grad_norm": "max gradient norm (unscaled first under fp16); 0 = off",
     "train.amp": "autocast: off, bf16, or fp16 (with a GradScaler)",

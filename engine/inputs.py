@@ -28,7 +28,8 @@ class InputPrep:
             return [self(image[None])[0] for image in images]
         images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
-            images = torch.addcmul(self.shift, images.float(), self.scale) if images.ndim == 4 else images.float() / 255
+            # (N, C, H, W), or (N, V, C, H, W): V views of each image (contrastive)
+            images = torch.addcmul(self.shift, images.float(), self.scale) if images.ndim >= 4 else images.float() / 255
         if self.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images

@@ -13,7 +13,7 @@ from engine.errors import ModelError
 from models.detection import build_torchvision_detector
 from models.libraries import build_smp, build_timm
 from models.pretrained import from_the_cache
-from tasks.registry import MODEL_FAMILIES, model_family
+from tasks.registry import MODEL_FAMILIES, TASKS, model_family, task_class
 
 __all__ = ["MODELS", "ModelError", "build_model", "register_model"]
 
@@ -60,10 +60,15 @@ def _local(task: str) -> str:
 
 def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
     """The model named by ``cfg.name`` with ``cfg.num_classes`` outputs for ``task`` (any model of the task's
-    family: a classifier serves every classification-family task), on the CPU, in float32. With ``cfg.pretrained``
-    its weights are fetched into the library's cache first (a no-op when some process of the job fetched them
-    already) and the build reads that cache only."""
-    task = model_family(task)
+    family: a classifier serves every classification-family task), made what the task needs of it (contrastive: a
+    projection head in place of the classifier), on the CPU, in float32. With ``cfg.pretrained`` its weights are
+    fetched into the library's cache first (a no-op when some process of the job fetched them already) and the
+    build reads that cache only."""
+    model = _build(cfg, model_family(task))
+    return task_class(task).adapt_model(model, cfg) if task in TASKS else model
+
+
+def _build(cfg: ModelConfig, task: str) -> nn.Module:
     library, _, name = cfg.name.partition("/")
     if library in LIBRARIES and name:
         return LIBRARIES[library](name, cfg, task)
@@ -113,13 +118,20 @@ def _call(builder: Builder, cfg: ModelConfig, **kwargs) -> nn.Module:
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
+    parent, key, linear = find_classifier(model, "model.pretrained")
+    setattr(parent, key, nn.Linear(linear.in_features, num_classes))
+
+
+def find_classifier(model: nn.Module, key: str) -> tuple[nn.Module, str, nn.Linear]:
+    """The last Linear of a classifier (``fc``, ``classifier``, ``head``, ``heads``, or the end of one of them as a
+    Sequential: torchvision's and the local models' layouts) with the module holding it and its name there; a model
+    without one is an error naming ``key``."""
     for attr in ("fc", "classifier", "head", "heads"):
         head = getattr(model, attr, None)
         if isinstance(head, nn.Sequential):
-            parent, key, head = head, str(len(head) - 1), head[-1]
+            parent, name, head = head, str(len(head) - 1), head[-1]
         else:
-            parent, key = model, attr
+            parent, name = model, attr
         if isinstance(head, nn.Linear):
-            setattr(parent, key, nn.Linear(head.in_features, num_classes))
-            return
-    raise ModelError(f"model.pretrained: cannot find the classifier of {type(model).__name__} to resize")
+            return parent, name, head
+    raise ModelError(f"{key}: cannot find the classifier of {type(model).__name__} (fc, classifier or head)")

@@ -64,7 +64,7 @@ def recalibrate(argv: list[str] | None = None) -> str:
     pin = ctx.device.type == "cuda"
     val_loader = build_val_loader(datasets.val, cfg.data, ctx.rank, ctx.world_size, pin)
     inputs = InputPrep(ctx.device, *datasets.mean_std, channels_last=cfg.train.channels_last)
-    batches = build_precise_batches(datasets.train, cfg, ctx.rank, ctx.world_size, pin, inputs)
+    batches = build_precise_batches(task.training_split(datasets.train), cfg, ctx.rank, ctx.world_size, pin, inputs)
     policy = settle_policy(cfg, ctx.world_size)
     as_trained = RunningStatistics(policy)  # the checkpoint's statistics, made to agree across ranks
     as_trained.track(model)

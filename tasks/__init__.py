@@ -9,12 +9,15 @@ from tasks.registry import TASKS, Scorer, Task, build_task, main_output, registe
 from tasks.classification import ClassificationScorer, ClassificationTask  # noqa: E402  isort: skip
 from tasks.detection import DetectionScorer, DetectionTask  # noqa: E402  isort: skip
 from tasks.segmentation import IGNORE_INDEX, SegmentationScorer, SegmentationTask, to_mask_size  # noqa: E402  isort: skip
+from tasks.contrastive import ContrastiveTask, KnnScorer  # noqa: E402  isort: skip
 
 __all__ = [
     "IGNORE_INDEX",
+    "KnnScorer",
     "TASKS",
     "ClassificationScorer",
     "ClassificationTask",
+    "ContrastiveTask",
     "DetectionScorer",
     "DetectionTask",
     "Scorer",

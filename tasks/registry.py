@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from engine.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from engine.config import Config
+    from torch.utils.data import Dataset
+
+    from engine.config import Config, ModelConfig
 
 __all__ = ["MODEL_FAMILIES", "TASKS", "Scorer", "Task", "build_task", "main_output", "register_task", "task_class"]
 
@@ -53,6 +55,19 @@ class Task(abc.ABC):
     def from_config(cls, cfg: Config, ground_truth: dict[str, Any] | None = None) -> Task:
         """The task for this run (``ground_truth``: a detection dataset's validation split as COCO instances)."""
         return cls()
+
+    @classmethod
+    def adapt_model(cls, model: nn.Module, cfg: ModelConfig) -> nn.Module:
+        """The model of the task's family as the task trains it (``build_model`` calls this, so the entry script and
+        every script rebuild the same module): unchanged, unless the task reshapes it (contrastive: a projection
+        head in place of the classifier)."""
+        return model
+
+    def training_split(self, dataset: Dataset) -> Dataset:
+        """The training split as the task trains on it: unchanged, unless a training sample is something else than
+        the dataset's (contrastive: two augmented views of each image). Its randomness is seeded per (seed, epoch,
+        sample) by the loader, as the dataset's own augmentation is."""
+        return dataset
 
     @abc.abstractmethod
     def training_loss(self, model: nn.Module, images: Any, targets: Any) -> Tensor:

@@ -86,7 +86,8 @@ def test_int_accepted_for_float_and_later_override_wins():
         (["train.epochs=3.5"], "train.epochs: expected int, got float"),
         (["train=5"], "train: expected a mapping"),
         (["train.eval_only=true", "train.resume=none"], "train.eval_only: needs a checkpoint"),
-        (["task=multilabel"], "task: unknown task 'multilabel'; registered: classification, detection, segmentation"),
+        (["task=multilabel"], "task: unknown task 'multilabel'; registered: classification, contrastive, detection, "
+                                  "segmentation"),
         (["train.best_metric=val_miou"], "train.best_metric: val_miou is not a metric of task classification (it has "
                                          "val_acc1, val_acc5, val_acc1_ema, val_acc5_ema)"),
         (["train.weight_decay=-1"], "train.weight_decay: must be >= 0 or auto"),
