@@ -53,20 +53,7 @@ def test_nt_xent_over_ranks_is_the_global_batch_loss_and_gradient() -> None:
 
 
 def _knn_on_ranks(rank: int, world: int) -> float:
-    from data import build_datasets
-    from data.loaders import build_val_loader
-    from engine.config import load_config
-    from engine.evaluation import evaluate
-    from engine.inputs import InputPrep
-    from models import build_model
-    from tasks import build_task
-
-    cfg = load_config("configs/contrastive.yaml", ["data.num_val=100", "data.batch_size=8", "model.kwargs={width: 4}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.task).eval()
-    pair = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
-    loader = build_val_loader(pair.val, cfg.data, rank, world, pin_memory=False)
-    return evaluate(model, loader, build_task(cfg), InputPrep(torch.device("cpu")), cfg.train)["val_knn_acc1"]
+    return _untrained_knn(["data.num_val=100", "data.batch_size=8", "model.kwargs={width: 4}"], rank, world)
 
 
 def test_the_knn_monitor_is_the_same_at_any_world_size() -> None:
@@ -98,8 +85,9 @@ def test_a_killed_contrastive_run_resumes_bit_identically(tmp_path) -> None:
     assert any(key.startswith("head.1.running_mean") for key in reference["model"])  # the head's BatchNorm
 
 
-def _untrained_knn(overrides: list[str]) -> float:
-    """The k-NN accuracy of the config's network as initialised, before any training: the floor to beat."""
+def _untrained_knn(overrides: list[str], rank: int = 0, world: int = 1) -> float:
+    """The k-NN accuracy of configs/contrastive.yaml's network as initialised (seeded): the floor training must
+    beat, and a model to score on several processes."""
     from data import build_datasets
     from data.loaders import build_val_loader
     from engine.config import load_config
@@ -112,7 +100,7 @@ def _untrained_knn(overrides: list[str]) -> float:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.task).eval()
     pair = build_datasets(cfg.data, cfg.model.num_classes, cfg.train.seed)
-    loader = build_val_loader(pair.val, cfg.data, 0, 1, pin_memory=False)
+    loader = build_val_loader(pair.val, cfg.data, rank, world, pin_memory=False)
     return evaluate(model, loader, build_task(cfg), InputPrep(torch.device("cpu")), cfg.train)["val_knn_acc1"]
 
 
