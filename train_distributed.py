@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per rank: dropout and the like differ across ranks
 
     # 3. model: build, BatchNorm -> SyncBatchNorm (or ghost BN), move to the device, then DDP
-    fetch_once(partial(fetch_weights, cfg.model, cfg.task, log.info), ctx.local_rank)  # model.pretrained: once a node
+    if cfg.model.pretrained:  # the weights fetched once a node, the other ranks waiting (no process group otherwise)
+        fetch_once(partial(fetch_weights, cfg.model, cfg.task, log.info), ctx.local_rank)
     model = prepare_model(build_model(cfg.model, cfg.task), cfg, ctx)  # convert_sync_batchnorm(model).to(device)
     raw_model = model  # unwrapped: for state_dicts (no 'module.' prefix) and evaluation
     if ctx.is_distributed:

@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["Config", "ConfigError", "apply_overrides", "config_from_dict", "config_to_dict", "dump_config", "global_batch_size",
            "load_config"]
 
-
-
-
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}  # train.weight_decay: auto (ResNet SGD recipes; AdamW's, as timm's)
 
 

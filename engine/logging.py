@@ -235,10 +235,10 @@ class MetricsWriter:
     ``train.trackers`` names (TensorBoard by default: ``engine/trackers.py``); a no-op off rank 0. ``state``: the
     run's, whose tracker runs a resume continues."""
 
-    def __init__(self, cfg: Config, enabled: bool, state: TrainState | None = None) -> None:
+    def __init__(self, cfg: Config, enabled: bool, state: TrainState) -> None:
         self.enabled = enabled
         self.path = metrics_path(cfg.output_dir)
-        self.trackers = Trackers(cfg, state or TrainState(), get_logger().warning) if enabled else None
+        self.trackers = Trackers(cfg, state, get_logger().warning) if enabled else None
 
     def write(self, record: dict[str, Any], step: int) -> None:
         """The record of epoch ``step`` (1-based: the epochs finished)."""

@@ -13,7 +13,7 @@ from engine.errors import ModelError
 from models.detection import build_torchvision_detector
 from models.libraries import build_smp, build_timm
 from models.pretrained import from_the_cache
-from tasks.registry import MODEL_FAMILIES, TASKS, model_family, task_class
+from tasks.registry import MODEL_FAMILIES, model_family, task_class
 
 __all__ = ["MODELS", "ModelError", "build_model", "register_model"]
 
@@ -65,7 +65,7 @@ def build_model(cfg: ModelConfig, task: str = "classification") -> nn.Module:
     fetched into the library's cache first (a no-op when some process of the job fetched them already) and the
     build reads that cache only."""
     model = _build(cfg, model_family(task))
-    return task_class(task).adapt_model(model, cfg) if task in TASKS else model
+    return task_class(task).adapt_model(model, cfg)
 
 
 def _build(cfg: ModelConfig, task: str) -> nn.Module:
@@ -120,6 +120,14 @@ def _call(builder: Builder, cfg: ModelConfig, **kwargs) -> nn.Module:
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     parent, key, linear = find_classifier(model, "model.pretrained")
     setattr(parent, key, nn.Linear(linear.in_features, num_classes))
+
+
+def strip_classifier(model: nn.Module, key: str) -> int:
+    """Replace the model's last classifier Linear by the identity, so it returns the features that Linear took;
+    their size. ``key`` names the setting in the error when there is no such Linear."""
+    parent, name, linear = find_classifier(model, key)
+    setattr(parent, name, nn.Identity())
+    return linear.in_features
 
 
 def find_classifier(model: nn.Module, key: str) -> tuple[nn.Module, str, nn.Linear]:

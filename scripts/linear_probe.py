@@ -30,7 +30,7 @@ from data.loaders import build_val_loader  # noqa: E402
 from engine.config import apply_overrides  # noqa: E402
 from engine.inputs import InputPrep  # noqa: E402
 from engine.logging import exit_code  # noqa: E402
-from models.registry import find_classifier  # noqa: E402
+from models.registry import strip_classifier  # noqa: E402
 from scripts.trained_model import load_trained_model  # noqa: E402
 
 
@@ -49,8 +49,7 @@ def backbone_of(model: nn.Module) -> nn.Module:
     """What the features come from: a contrastive model's backbone, or any classifier without its last Linear."""
     if hasattr(model, "backbone"):
         return model.backbone
-    parent, key, _ = find_classifier(model, "--checkpoint")
-    setattr(parent, key, nn.Identity())
+    strip_classifier(model, "--checkpoint")
     return model
 
 

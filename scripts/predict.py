@@ -147,7 +147,7 @@ def predict(argv: list[str] | None = None) -> list:
                         "a run on image files (data.name=imagefolder, ...); scripts/export.py exports this model for "
                         "tensors like its samples")  # fmt: skip
     task = task_class(trained.cfg.task)
-    if task.model_family == "classification" and task.predict is Task.predict:
+    if task.model_family == "classification" and task.predict is None:
         raise UserError(f"{args.checkpoint}: task {trained.cfg.task} has no prediction format (give its class in "
                         "tasks/ a predict method)")  # fmt: skip
     paths = image_paths(args.inputs)

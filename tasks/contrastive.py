@@ -106,11 +106,9 @@ class ContrastiveTask(Task):
 
     @classmethod
     def adapt_model(cls, model: nn.Module, cfg: ModelConfig) -> nn.Module:
-        from models.registry import find_classifier  # the registry imports the tasks: found when first asked
+        from models.registry import strip_classifier  # the registry imports the tasks: found when first asked
 
-        parent, key, linear = find_classifier(model, "model.name")
-        setattr(parent, key, nn.Identity())
-        return ProjectionModel(model, linear.in_features, cfg.projection_dim)
+        return ProjectionModel(model, strip_classifier(model, "model.name"), cfg.projection_dim)
 
     def training_split(self, dataset: Dataset) -> Dataset:
         return TwoViews(dataset, self.data)

@@ -50,6 +50,10 @@ class Task(abc.ABC):
     or timm classifier), segmentation (logits (N, classes, H, W)) or detection (torchvision's detector API)."""
     dense: ClassVar[bool] = False
     """One image is many values per BatchNorm statistic (pixels, proposals): a batch of one is normalisable."""
+    predict: ClassVar[Callable[[Tensor, list[str], int], list[tuple[str, dict[str, Any]]]] | None] = None
+    """``scripts/predict.py`` for a classification-family task: a method ``predict(logits, class_names, top_k)``
+    giving, per image of a batch, the line predict prints and the JSON record it writes. None: the task has no
+    prediction format, and predict says so in one line (it trains, resumes and exports all the same)."""
 
     @classmethod
     def from_config(cls, cfg: Config, ground_truth: dict[str, Any] | None = None) -> Task:
@@ -77,10 +81,6 @@ class Task(abc.ABC):
     def scorer(self, device: torch.device) -> Scorer:
         """A fresh scorer for one evaluation."""
 
-    def predict(self, logits: Tensor, class_names: list[str], top_k: int) -> list[tuple[str, dict[str, Any]]]:
-        """``scripts/predict.py`` for a classification-family task: per image of a batch's logits, the line it
-        prints and the JSON record it writes. A task without a prediction format keeps this refusal."""
-        raise NotImplementedError(f"task has no prediction format (define {type(self).__name__}.predict)")
 
 
 class OutputLossTask(Task):
