@@ -23,24 +23,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_banner, print_table, torchrun_cmd  # noqa: E402
+from common import digits_folder, machine_banner, print_table, torchrun_cmd  # noqa: E402
 
 GLOBAL_BATCH, GHOST = 128, 8
-
-
-def digits_folder(root: Path, side: int = 32) -> Path:
-    """scikit-learn's digits as ``root/{train,val}/<digit>/<i>.png`` (RGB, ``side`` px, every fifth image to val)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
-        folder = root / ("val" if i % 5 == 0 else "train") / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (image * (255 / 16)).astype(np.uint8)
-        Image.fromarray(pixels).resize((side, side), Image.BICUBIC).convert("RGB").save(folder / f"{i}.png")
-    return root
 
 
 def train(nproc: int, out: Path, overrides: list[str]) -> list[dict]:

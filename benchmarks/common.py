@@ -175,3 +175,18 @@ def init_from_torchrun(backend: str = "auto") -> tuple[int, int, torch.device]:
 
 def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+
+
+def digits_folder(root: Path, side: int = 32) -> Path:
+    """scikit-learn's digits as ``root/{train,val}/<digit>/<i>.png`` (RGB, ``side`` px, every fifth image to val)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = root / ("val" if i % 5 == 0 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels).resize((side, side), Image.BICUBIC).convert("RGB").save(folder / f"{i}.png")
+    return root

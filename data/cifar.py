@@ -8,7 +8,7 @@ import os
 import torch
 
 from data.registry import DataError, DatasetPair, register_dataset
-from data.transforms import cifar_preprocessing, cifar_train_transform
+from data.transforms import CIFAR_MEAN, CIFAR_STD, cifar_train_transform, classification_preprocessing
 from engine.config import DataConfig
 
 
@@ -16,6 +16,11 @@ def _build(cfg: DataConfig, classes: int, num_classes: int) -> DatasetPair:
     if num_classes != classes:  # before touching the disk (or the network, with data.download)
         raise DataError(f"model.num_classes is {num_classes} but {cfg.name} has {classes} classes; "
                         f"set model.num_classes={classes}")
+    defaults = DataConfig()
+    for key in ("crop_scale", "crop_ratio"):
+        if getattr(cfg, key) != getattr(defaults, key):
+            raise DataError(f"data.{key}: {cfg.name} trains on pad-and-crop (the CIFAR papers' augmentation), not on "
+                            "random-resized crops (image folders'); remove it")
     from torchvision import datasets
 
     base = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
@@ -45,8 +50,8 @@ def _build(cfg: DataConfig, classes: int, num_classes: int) -> DatasetPair:
             f"data.root: CIFAR-{classes} not found at {folder}; set data.download=true to fetch it, "
             "or point data.root at the folder that holds it"
         )
-    preprocessing = cifar_preprocessing(cfg.image_size)
-    train_tf = cifar_train_transform(cfg.image_size) if cfg.augment else preprocessing.transform()
+    preprocessing = classification_preprocessing(cfg, CIFAR_MEAN, CIFAR_STD, resize_ratio=1.0)  # 32 px as stored
+    train_tf = cifar_train_transform(cfg, preprocessing.fill()) if cfg.augment else preprocessing.transform()
     try:
         train = CIFAR(cfg.root, train=True, transform=train_tf, download=cfg.download)
         val = CIFAR(cfg.root, train=False, transform=preprocessing.transform(), download=False)
@@ -55,13 +60,13 @@ def _build(cfg: DataConfig, classes: int, num_classes: int) -> DatasetPair:
     return DatasetPair(train, val, len(train.classes), class_names=list(train.classes), preprocessing=preprocessing)
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", num_classes=10)
 def build_cifar10(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
     """The files fix every sample, so ``seed`` has nothing to choose (augmentation is seeded by the loader)."""
     return _build(cfg, 10, num_classes)
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", num_classes=100)
 def build_cifar100(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
     """The files fix every sample, so ``seed`` has nothing to choose (augmentation is seeded by the loader)."""
     return _build(cfg, 100, num_classes)

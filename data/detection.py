@@ -49,19 +49,20 @@ def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
 
 
 class DetectionSamples(Dataset):
-    """Images (held, or loaded by ``load(index)``) with their targets; ``augment``: a random horizontal flip.
+    """Images (held, or loaded by ``load(index)``) with their targets, flipped horizontally with probability
+    ``hflip_prob`` (training's augmentation; 0: evaluation).
     ``image_sizes()`` gives every image's (height, width) without decoding, for aspect-ratio grouping."""
 
     def __init__(self, load: Callable[[int], torch.Tensor], targets: list[Target], sizes: list[tuple[int, int]],
-                 augment: bool) -> None:  # fmt: skip
-        self.load, self.targets, self.sizes, self.augment = load, targets, sizes, augment
+                 hflip_prob: float) -> None:  # fmt: skip
+        self.load, self.targets, self.sizes, self.hflip_prob = load, targets, sizes, hflip_prob
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image, target = self.load(index), self.targets[index]
-        if self.augment and torch.rand(()) < 0.5:
+        if self.hflip_prob and torch.rand(()) < self.hflip_prob:
             image, target = hflip(image, target)
         return image, target
 
@@ -128,10 +129,10 @@ def build_synthetic_detection(cfg: DataConfig, num_classes: int, seed: int) -> D
     colours = torch.rand(num_classes, 3, generator=generator)
     names = {k: f"{SHAPES[(k - 1) % len(SHAPES)]}{'' if k <= len(SHAPES) else k}" for k in range(1, num_classes)}
     splits = []
-    for count, first_id, augment in ((cfg.num_train, 0, cfg.augment), (cfg.num_val, cfg.num_train, False)):
+    for count, first_id, flip in ((cfg.num_train, 0, cfg.augment * cfg.hflip_prob), (cfg.num_val, cfg.num_train, 0.0)):
         images, targets = _synthetic_split(count, num_classes, cfg.image_size, colours, first_id, generator)
         sizes = [tuple(image.shape[-2:]) for image in images]
-        splits.append((DetectionSamples(images.__getitem__, targets, sizes, augment), targets, sizes))
+        splits.append((DetectionSamples(images.__getitem__, targets, sizes, flip), targets, sizes))
     (train, _, _), (val, val_targets, val_sizes) = splits
     return DatasetPair(train, val, num_classes, class_names=["__background__", *names.values()],
                        preprocessing=DETECTION_PREPROCESSING, ground_truth=ground_truth(val_targets, val_sizes, names))
@@ -224,11 +225,11 @@ def _coco_split(cfg: DataConfig, split: str, num_classes: int, train: bool) -> t
     if not kept:
         raise DataError(f"{path}: no image with a box to {'train on' if train else 'evaluate'}")
     sizes = [(image["height"], image["width"]) for image in kept]
-    samples = DetectionSamples(CocoFiles(folder, kept, cfg.decoder), targets, sizes, augment=train and cfg.augment)
+    samples = DetectionSamples(CocoFiles(folder, kept, cfg.decoder), targets, sizes, train * cfg.augment * cfg.hflip_prob)
     return samples, instances
 
 
-@register_dataset("coco")
+@register_dataset("coco", num_classes=91)
 def build_coco(cfg: DataConfig, num_classes: int, seed: int, train_split: str = "train2017",
                val_split: str = "val2017") -> DatasetPair:  # fmt: skip
     """COCO instances (2017 by default; any dataset in COCO's format, with ``data.kwargs`` naming its splits).

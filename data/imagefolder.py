@@ -12,7 +12,7 @@ import torch
 
 from data.images import RandomResizedCropFile, decode_image
 from data.registry import DataError, DatasetPair, register_dataset
-from data.transforms import Preprocessing, imagenet_preprocessing
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, classification_preprocessing, train_policies
 from engine.config import DataConfig
 
 
@@ -24,6 +24,24 @@ class EvaluationFile:
 
     def __call__(self, path: str) -> torch.Tensor:
         return self.transform(decode_image(path, self.decoder, reduce_to=self.resize))
+
+
+def train_transform(cfg: DataConfig, preprocessing: Preprocessing) -> Callable[[str], torch.Tensor]:
+    """A training image file: its random-resized crop (``data.train_crop_size``, ``crop_scale``, ``crop_ratio``,
+    ``interpolation``) and flip (``hflip_prob``), then the policies (``data.auto_augment``, ``random_erase``)."""
+    from torchvision.transforms import v2
+
+    crop = RandomResizedCropFile(cfg.train_crop_size or cfg.image_size, cfg.decoder, scale=cfg.crop_scale,
+                                 ratio=cfg.crop_ratio, interpolation=cfg.interpolation, hflip_prob=cfg.hflip_prob)
+    policies = train_policies(cfg, preprocessing.fill())
+    return v2.Compose([crop, *policies]) if policies else crop
+
+
+def class_count(cfg: DataConfig) -> int:
+    """``model.num_classes`` 0: the class folders under ``data.root``/train (0 while there is no such folder: the
+    config loads anywhere, and the run says what is missing when it builds the data)."""
+    path = os.path.join(cfg.root, "train")
+    return sum(entry.is_dir() for entry in os.scandir(path)) if os.path.isdir(path) else 0
 
 
 def _folder(cfg: DataConfig, split: str, transform: Callable[[str], torch.Tensor]):
@@ -39,13 +57,13 @@ def _folder(cfg: DataConfig, split: str, transform: Callable[[str], torch.Tensor
         raise DataError(f"data.root: {path} holds no images in class folders ({str(exc).splitlines()[0]})") from None
 
 
-@register_dataset("imagefolder")
+@register_dataset("imagefolder", num_classes=class_count)
 def build_imagefolder(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
     if not os.path.isdir(cfg.root):
         raise DataError(f"data.root: folder not found: {cfg.root}")
-    preprocessing = imagenet_preprocessing(cfg.image_size)
+    preprocessing = classification_preprocessing(cfg, IMAGENET_MEAN, IMAGENET_STD)
     evaluation = EvaluationFile(preprocessing, cfg.decoder)
-    train = _folder(cfg, "train", RandomResizedCropFile(cfg.image_size, cfg.decoder) if cfg.augment else evaluation)
+    train = _folder(cfg, "train", train_transform(cfg, preprocessing) if cfg.augment else evaluation)
     val = _folder(cfg, "val", evaluation)
     if val.classes != train.classes:
         raise DataError(f"data.root: {cfg.root}/val has classes {len(val.classes)} that differ from train's")

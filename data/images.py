@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import torch
 
+from data.transforms import interpolation
 from engine.errors import SampleError
 
 DECODERS = ("auto", "torchvision", "pil")
@@ -37,13 +39,17 @@ def decode_image(path: str, decoder: str = "auto", reduce_to: int = 0) -> torch.
 
 
 class RandomResizedCropFile:
-    """Training's random-resized crop (torchvision's parameters: area 8-100 %, aspect 3/4-4/3) and horizontal flip,
-    from an image file to a uint8 (3, size, size) tensor. The crop is drawn from the JPEG header's size before
-    decoding, so where the crop is at least twice ``size`` the file is decoded at 1/2, 1/4 or 1/8 (the crop's
-    resolution is never below ``size``); the draws are those of torchvision's transforms, from torch's RNG."""
+    """Training's random-resized crop (``scale``: its area fraction, ``ratio``: its aspect range; torchvision's
+    defaults) and horizontal flip (``hflip_prob``), from an image file to a uint8 (3, size, size) tensor. The crop
+    is drawn from the JPEG header's size before decoding, so where the crop is at least twice ``size`` the file is
+    decoded at 1/2, 1/4 or 1/8 (the crop's resolution is never below ``size``); the draws are those of
+    torchvision's transforms, from torch's RNG."""
 
-    def __init__(self, size: int, decoder: str = "auto") -> None:
-        self.size, self.decoder = size, decoder
+    def __init__(self, size: int, decoder: str = "auto", *, scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = "bilinear",
+                 hflip_prob: float = 0.5) -> None:  # fmt: skip
+        self.size, self.decoder, self.scale, self.ratio = size, decoder, tuple(scale), tuple(ratio)
+        self.interpolation, self.hflip_prob = interpolation, hflip_prob
 
     def __call__(self, path: str) -> torch.Tensor:
         from torchvision import transforms as v1
@@ -54,7 +60,7 @@ class RandomResizedCropFile:
         image = None if size else _decode(data, path, self.decoder, 1)  # not a JPEG: its size from the pixels
         height, width = size or image.shape[-2:]
         shape_only = torch.empty(1, 1, 1).expand(1, height, width)
-        top, left, crop_h, crop_w = v1.RandomResizedCrop.get_params(shape_only, (0.08, 1.0), (3 / 4, 4 / 3))
+        top, left, crop_h, crop_w = v1.RandomResizedCrop.get_params(shape_only, self.scale, self.ratio)
         if image is None:
             image = _decode(data, path, self.decoder, _reduction(min(crop_h, crop_w), self.size))
         if image.shape[-2:] != (height, width):  # decoded reduced: the same crop, its edges in those pixels
@@ -62,8 +68,9 @@ class RandomResizedCropFile:
             top, bottom = round(top * sy), round((top + crop_h) * sy)
             left, right = round(left * sx), round((left + crop_w) * sx)
             crop_h, crop_w = max(1, bottom - top), max(1, right - left)
-        crop = F.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size], antialias=True)
-        return crop.flip(-1) if torch.rand(1) < 0.5 else crop
+        crop = F.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size],
+                              interpolation(self.interpolation), antialias=True)  # fmt: skip
+        return crop.flip(-1) if torch.rand(1) < self.hflip_prob else crop
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:

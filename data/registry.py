@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from data.transforms import Preprocessing
 from engine.config import DataConfig
 from engine.errors import DataError
 
-__all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_dataset"]
+__all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "dataset_num_classes", "register_dataset"]
 
 
 @dataclass
@@ -44,20 +45,35 @@ class DatasetPair:
 
 Builder = Callable[..., DatasetPair]
 DATASETS: dict[str, Builder] = {}
+CLASS_COUNTS: dict[str, int | Callable[[DataConfig], int]] = {}
+ANY_COUNT_DEFAULT = 10  # a dataset that makes as many classes as it is told (generated data), when not told
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
+def register_dataset(name: str, num_classes: int | Callable[[DataConfig], int] | None = None
+                     ) -> Callable[[Builder], Builder]:  # fmt: skip
     """Make ``data.name: <name>`` build this: ``builder(cfg: DataConfig, num_classes: int, seed: int, **data.kwargs)
     -> DatasetPair``, whose splits yield ``(image tensor, int label)``, for segmentation ``(image tensor,
     int64 mask (H, W))`` with 255 for pixels to ignore, for detection ``(image tensor, {"boxes", "labels",
     "image_id"})`` (``data/detection.py``). Images are uint8 (3, H, W), normalised on the device as the
-    pair's ``preprocessing`` says, or float tensors used as they are (``preprocessing`` None)."""
+    pair's ``preprocessing`` says, or float tensors used as they are (``preprocessing`` None).
+
+    ``num_classes``: what ``model.num_classes: 0`` becomes: the dataset's count, or a function of the data config
+    that reads it from the files without loading them (an image folder's class folders); None: the dataset makes
+    as many classes as it is given, 10 when not told."""
 
     def wrap(fn: Builder) -> Builder:
         DATASETS[name] = fn
+        if num_classes is not None:
+            CLASS_COUNTS[name] = num_classes
         return fn
 
     return wrap
+
+
+def dataset_num_classes(cfg: DataConfig) -> int:
+    """The number of classes of the dataset ``cfg`` names, for ``model.num_classes: 0``."""
+    count = CLASS_COUNTS.get(cfg.name, ANY_COUNT_DEFAULT)
+    return count(cfg) if callable(count) else count
 
 
 def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
@@ -72,7 +88,12 @@ def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
         if not cfg.kwargs:
             raise
         raise DataError(f"data.kwargs: dataset '{cfg.name}' rejected its arguments: {exc}") from None
-    if pair.num_classes != num_classes:
+    if cfg.mean:  # every dataset's uint8 images normalised as the config says (ours read it already)
+        if pair.preprocessing is None:
+            raise DataError(f"data.mean: dataset '{cfg.name}' yields float tensors, not uint8 images: there is nothing "
+                            "to normalise (remove data.mean and data.std)")
+        pair.preprocessing = dataclasses.replace(pair.preprocessing, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    if num_classes and pair.num_classes != num_classes:
         raise DataError(
             f"model.num_classes is {num_classes} but dataset '{cfg.name}' at {cfg.root} has {pair.num_classes} classes"
         )

@@ -84,15 +84,17 @@ class SegmentationFiles(Dataset):
 
 
 def segmentation_preprocessing(cfg: DataConfig) -> Preprocessing:
-    """Evaluation: the short side at ``data.base_size`` (0: as stored), normalised with ImageNet's statistics."""
-    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, resize=cfg.base_size)
+    """Evaluation: the short side at ``data.base_size`` (0: as stored), normalised by ``data.mean`` / ``data.std``
+    (default: ImageNet's statistics)."""
+    return Preprocessing(tuple(cfg.mean) or IMAGENET_MEAN, tuple(cfg.std) or IMAGENET_STD, resize=cfg.base_size)
 
 
 def segmentation_transforms(cfg: DataConfig, fill: tuple[float, ...]) -> tuple[SegmentationTransform, ...]:
-    """Training: rescale (not with ``data.augment: false``), flip, crop to ``data.image_size`` (padding: ``fill``);
+    """Training: rescale (not with ``data.augment: false``), flip (``data.hflip_prob``), crop to ``data.image_size``
+    (padding: ``fill``);
     evaluation: the short side at ``data.base_size``."""
     scale = cfg.scale_range if cfg.augment else (1.0, 1.0)
-    train = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=True, fill=fill)
+    train = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=True, fill=fill, hflip_prob=cfg.hflip_prob)
     val = SegmentationTransform(cfg.image_size, cfg.base_size, scale, train=False, fill=fill)
     return train, val
 
@@ -111,7 +113,7 @@ def voc_root(root: str) -> str:
     return nested if os.path.isdir(nested) else root
 
 
-@register_dataset("voc")
+@register_dataset("voc", num_classes=VOC_CLASSES)
 def build_voc(cfg: DataConfig, num_classes: int, seed: int, train_split: str = "train", val_split: str = "val",
               masks: str = "SegmentationClass") -> DatasetPair:
     """Pascal VOC 2012 segmentation: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs) and the split lists
@@ -158,7 +160,12 @@ def _folder_pairs(split_dir: str) -> list[tuple[str, str]]:
     return pairs
 
 
-@register_dataset("segmentation_folder")
+def mask_classes_unknown(cfg: DataConfig) -> int:
+    raise DataError("model.num_classes: set it for segmentation_folder (its masks do not say how many classes there "
+                    "are: the largest class index + 1)")
+
+
+@register_dataset("segmentation_folder", num_classes=mask_classes_unknown)
 def build_segmentation_folder(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
     """``root/{train,val}/images/<name>.<jpg|png|...>`` with ``root/{train,val}/masks/<name>.png`` (class indices,
     255 = ignore): any dataset with integer masks. The classes are ``model.num_classes``."""

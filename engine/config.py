@@ -39,7 +39,7 @@ def task_of(cfg: Config) -> type[Task]:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
-    num_classes: int = 10
+    num_classes: int = 0  # 0: the dataset's (an image folder's class folders, CIFAR's 10 ...; generated data: 10)
     pretrained: bool = False  # the library's weights, fetched once per node into its cache (docs/models.md)
     aux_loss_weight: float = 0.0  # segmentation: > 0 builds the auxiliary head and adds its weighted loss
     unfreeze_bn: bool = False  # detection: the backbone's FrozenBatchNorm2d made trainable BatchNorm2d (for SyncBN)
@@ -59,6 +59,19 @@ class DataConfig:
     base_size: int = 0  # segmentation: short side before the random scale, and for evaluation; 0 = as stored
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # segmentation: random rescale factors
     augment: bool = True
+    mean: list[float] = field(default_factory=list)  # per channel (one value: every channel); []: the dataset's
+    std: list[float] = field(default_factory=list)  # per channel (one value: every channel); []: the dataset's
+    hflip_prob: float = 0.5  # training's horizontal flip (0: never mirror: digits, text, some medical images)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # classification: random-resized crop's area
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # classification: its aspect ratio range
+    train_crop_size: int = 0  # classification: the training crop; 0 = data.image_size
+    val_resize_size: int = 0  # classification: evaluation's short side; 0 = val_crop_size / 0.875 (CIFAR: the crop)
+    val_crop_size: int = 0  # classification: evaluation's center crop; 0 = data.image_size
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"  # resizing images (training and evaluation)
+    auto_augment: Literal["none", "trivialaugment_wide", "randaugment", "augmix", "autoaugment_imagenet",
+                          "autoaugment_cifar10", "autoaugment_svhn"] = "none"  # classification: torchvision v2's policies
+    auto_augment_kwargs: dict[str, Any] = field(default_factory=dict)  # their parameters ({magnitude: 9}, {severity: 3})
+    random_erase: float = 0.0  # classification: probability of erasing a random rectangle (torchvision's recipes: 0.1)
     decoder: Literal["auto", "torchvision", "pil"] = "auto"  # image files: auto picks the fastest that reads them
     aspect_ratio_group_factor: int = 3  # detection: each step's images from one of 2k+2 aspect-ratio bins (0 = off)
     drop_last: bool = True
@@ -90,6 +103,8 @@ class TrainConfig:
     step_gamma: float = 0.1
     min_lr: float = 0.0
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # classification: MixUp's Beta(a, a) on each batch; 0 = off (torchvision's recipes: 0.2)
+    cutmix_alpha: float = 0.0  # classification: CutMix's Beta(a, a); 0 = off; both > 0: one of the two per batch
     temperature: float = 0.2  # contrastive: NT-Xent's temperature
     knn_k: int = 20  # contrastive: neighbours of the k-NN monitor (val_knn_acc1)
     knn_temperature: float = 0.07  # contrastive: the k-NN monitor's vote temperature
@@ -146,7 +161,7 @@ class DebugConfig:
 
     fault_step: int = -1
     fault_rank: int = 0
-    fault_kind: Literal["raise", "exit", "nan", "sigkill", "hang"] = "raise"
+    fault_kind: Literal["raise", "exit", "nan", "sigkill", "hang", "signal"] = "raise"
     fault_point: Literal["step", "before_checkpoint", "after_checkpoint"] = "step"  # where, for raise/exit/sigkill/hang
     fault_once: bool = False  # with a marker in output_dir, so a restarted job passes the step
     record_samples: bool = False  # each rank appends the sample indices it trains on to output_dir/samples_rank<r>.txt
@@ -187,7 +202,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    cfg = resolve_defaults(config_from_dict(raw))
+    cfg = resolve_num_classes(resolve_defaults(config_from_dict(raw)))
     batch_given = isinstance(raw.get("data"), dict) and "batch_size" in raw["data"]
     return resolve_norm_batch(resolve_global_batch(cfg, world_size, batch_given), world_size)
 
@@ -226,6 +241,20 @@ def resolve_defaults(cfg: Config) -> Config:
     if task_of(cfg).model_family == "detection" and data.val_batch_size == 0:
         data = dataclasses.replace(data, val_batch_size=1)
     return dataclasses.replace(cfg, train=train, data=data)
+
+
+def resolve_num_classes(cfg: Config) -> Config:
+    """``model.num_classes: 0`` -> the dataset's count (an image folder's class folders, read without loading
+    them; generated data: 10), so the model is built with the right head before any data is loaded. A count the
+    files cannot tell yet (no such folder) stays 0: building the data says what is missing."""
+    from data import dataset_num_classes
+
+    count = 0 if cfg.model.num_classes else dataset_num_classes(cfg.data)
+    if count == 0:
+        return cfg
+    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=count))
+    validate(resolved)
+    return resolved
 
 
 def resolve_global_batch(cfg: Config, world_size: int, batch_given: bool = False) -> Config:
@@ -289,12 +318,30 @@ def validate(cfg: Config) -> None:
     """Reject impossible values with the key that holds them."""
     task = task_of(cfg)
     checks = [
-        (cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1"),
+        (cfg.model.num_classes >= 0, "model.num_classes", "must be >= 1 (0: the dataset's)"),
         (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1 (it is per process)"),
         (cfg.data.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0 = off)"),
         (cfg.data.val_batch_size >= 0, "data.val_batch_size", "must be >= 0 (0 = data.batch_size)"),
         (cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0 or auto"),
         (cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
+        (len(cfg.data.mean) == len(cfg.data.std), "data.std", "needs as many values as data.mean (both, or neither)"),
+        (all(s > 0 for s in cfg.data.std), "data.std", "must be > 0 per channel"),
+        (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
+        (len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
+         "data.crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
+        (len(cfg.data.crop_ratio) == 2 and 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1],
+         "data.crop_ratio", "must be [low, high] with 0 < low <= high"),
+        (cfg.data.train_crop_size == 0 or cfg.data.train_crop_size >= 8, "data.train_crop_size",
+         "must be >= 8 (0 = data.image_size)"),
+        (cfg.data.val_resize_size >= 0, "data.val_resize_size", "must be >= 0 (0 = val_crop_size / 0.875)"),
+        (cfg.data.val_crop_size == 0 or cfg.data.val_crop_size >= 8, "data.val_crop_size", "must be >= 8 (0 = data.image_size)"),
+        (cfg.data.auto_augment != "none" or not cfg.data.auto_augment_kwargs, "data.auto_augment_kwargs",
+         "needs data.auto_augment"),
+        (0 <= cfg.data.random_erase <= 1, "data.random_erase", "must be in [0, 1]"),
+        (cfg.data.augment or cfg.data.auto_augment == "none", "data.auto_augment", "needs data.augment: true"),
+        (cfg.data.augment or cfg.data.random_erase == 0, "data.random_erase", "needs data.augment: true"),
+        (cfg.train.mixup_alpha >= 0, "train.mixup_alpha", "must be >= 0 (0 = off)"),
+        (cfg.train.cutmix_alpha >= 0, "train.cutmix_alpha", "must be >= 0 (0 = off)"),
         (cfg.data.num_train >= 1, "data.num_train", "must be >= 1"),
         (cfg.data.num_val >= 1, "data.num_val", "must be >= 1"),
         (cfg.data.channels >= 1, "data.channels", "must be >= 1"),
@@ -326,7 +373,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1"),
         (cfg.train.ema_decay > 0 or not cfg.train.best_metric.endswith("_ema"), "train.best_metric",
          "an EMA metric needs train.ema_decay > 0"),
-        (cfg.model.num_classes > 5 or not cfg.train.best_metric.startswith("val_acc5"), "train.best_metric",
+        (not (1 <= cfg.model.num_classes <= 5 and cfg.train.best_metric.startswith("val_acc5")), "train.best_metric",
          "top-5 accuracy needs more than 5 classes (model.num_classes)"),
         (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
         (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
@@ -344,12 +391,8 @@ def validate(cfg: Config) -> None:
         (cfg.syncbn.enabled or task.dense or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
          "data.batch_size", "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
         (cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must be >= 0 (0 = no auxiliary head)"),
-        (task.model_family == "segmentation" or cfg.model.aux_loss_weight == 0, "model.aux_loss_weight",
-         "needs task: segmentation (or a task of the segmentation family)"),
         (cfg.data.base_size >= 0, "data.base_size", "must be >= 0 (0 = images as stored)"),
         (cfg.data.aspect_ratio_group_factor >= 0, "data.aspect_ratio_group_factor", "must be >= 0 (0 = off)"),
-        (task.model_family == "detection" or not cfg.model.unfreeze_bn, "model.unfreeze_bn",
-         "needs task: detection (or a task of the detection family)"),
         (len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
          "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
@@ -359,9 +402,21 @@ def validate(cfg: Config) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}, got {_lookup(cfg, key)!r}")
+    _refuse_other_tasks_keys(cfg)
     if cfg.train.eval_only and cfg.train.resume == "none" and not cfg.model.pretrained:
         raise ConfigError("train.eval_only: needs a checkpoint: train.resume=auto (output_dir's, see "
                           "train.eval_checkpoint), train.resume=PATH, or model.pretrained")
+
+
+def _refuse_other_tasks_keys(cfg: Config) -> None:
+    """A key another task reads (its ``config_keys``), set away from its default, would do nothing in this run."""
+    from tasks.registry import foreign_keys
+
+    defaults = Config()
+    for key, owners in foreign_keys(cfg.task).items():
+        if _lookup(cfg, key) != _lookup(defaults, key):
+            raise ConfigError(f"{key}: belongs to task {' or '.join(owners)} and does nothing for task {cfg.task}; "
+                              f"remove it (or set task: {owners[0]})")
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:

@@ -15,7 +15,8 @@ HELP: dict[str, str] = {
     "task": "classification, segmentation, detection or your own (tasks/): decides targets, loss, metrics "
             "(docs/tasks.md)",
     "model.name": "registry name: a local model, a torchvision model, timm/<name> or smp/<Architecture>",
-    "model.num_classes": "number of outputs (must match the dataset)",
+    "model.num_classes": "number of outputs; 0: the dataset's (an image folder's class folders, CIFAR's, VOC's, COCO's; "
+                         "generated data: 10)",
     "model.pretrained": "the library's weights, fetched once per node into its cache (docs/models.md)",
     "model.kwargs": "extra keyword arguments for the model's builder",
     "model.projection_dim": "contrastive: the projection head's output size (SimCLR's 128)",
@@ -34,6 +35,24 @@ HELP: dict[str, str] = {
     "data.base_size": "segmentation: short side before the random scale, and at evaluation; 0 = as stored",
     "data.scale_range": "segmentation training: the random rescale factor's range (x data.base_size)",
     "data.augment": "training augmentation (seeded per seed, epoch and sample)",
+    "data.mean": "per-channel mean of uint8 images scaled to [0, 1] (one value: every channel); []: the dataset's "
+                 "(ImageNet's, CIFAR's); used on the device, by predict and by export's notes",
+    "data.std": "per-channel standard deviation, as data.mean",
+    "data.hflip_prob": "training's horizontal flip probability (0: never mirror: digits, text, some medical images)",
+    "data.crop_scale": "classification training: random-resized crop's area fraction [low, high] (image folders)",
+    "data.crop_ratio": "classification training: random-resized crop's aspect ratio range [low, high]",
+    "data.train_crop_size": "classification: the training crop's side; 0 = data.image_size (torchvision's "
+                            "--train-crop-size)",
+    "data.val_resize_size": "classification: evaluation's short-side resize; 0 = val_crop_size / 0.875 (CIFAR: the "
+                            "crop) (torchvision's --val-resize-size)",
+    "data.val_crop_size": "classification: evaluation's center crop; 0 = data.image_size (torchvision's --val-crop-size)",
+    "data.interpolation": "classification: bilinear, bicubic or nearest, for every resize (training and evaluation)",
+    "data.auto_augment": "classification training, on uint8: none, trivialaugment_wide, randaugment, augmix, "
+                         "autoaugment_imagenet, autoaugment_cifar10, autoaugment_svhn (torchvision v2's)",
+    "data.auto_augment_kwargs": "the policy's parameters, e.g. {num_ops: 2, magnitude: 9} for randaugment, "
+                                "{severity: 3} for augmix",
+    "data.random_erase": "classification training: probability of erasing a random rectangle to the mean colour "
+                         "(torchvision's recipes: 0.1)",
     "data.decoder": "image files: torchvision (libjpeg-turbo, into tensors), pil, or auto (the fastest that reads the "
                     "file; PIL's reduced-size JPEG decode at evaluation where it covers the resize)",
     "data.aspect_ratio_group_factor": "detection: each step's images from one of 2k+2 aspect-ratio bins, as "
@@ -50,7 +69,8 @@ HELP: dict[str, str] = {
     "data.channels": "synthetic and fake data: image channels",
     "data.kwargs": "extra keyword arguments for the dataset's builder",
     "train.epochs": "epochs to train (a finished run trains on when this grows)",
-    "train.lr": "learning rate at train.base_batch_size",
+    "train.lr": "learning rate at train.base_batch_size global samples (with train.lr_scaling none: the rate as "
+                "written, as torchvision's --lr); the banner prints the rate in use",
     "train.lr_scaling": "lr = train.lr x f(global batch / base): none, linear or sqrt",
     "train.base_batch_size": "the global batch train.lr is given for",
     "train.optimizer": "sgd or adamw",
@@ -63,6 +83,9 @@ HELP: dict[str, str] = {
     "train.step_gamma": "step schedule: the factor at each milestone",
     "train.min_lr": "the floor of the cosine schedule",
     "train.label_smoothing": "cross-entropy label smoothing",
+    "train.mixup_alpha": "classification: MixUp of each batch's images and labels, mixing weight ~ Beta(a, a) (soft "
+                          "targets); 0 = off; seeded per step, so a resume mixes the same",
+    "train.cutmix_alpha": "classification: CutMix, as train.mixup_alpha; both > 0: one of the two per batch, at random",
     "train.temperature": "contrastive: NT-Xent's temperature",
     "train.knn_k": "contrastive: neighbours in the k-NN monitor (val_knn_acc1)",
     "train.knn_temperature": "contrastive: the k-NN monitor's vote temperature (votes weighted exp(cosine / t))",
@@ -109,7 +132,7 @@ HELP: dict[str, str] = {
     "dist.exit_with_launcher": "a worker exits when its launcher (or shell) dies; false to detach from a shell",
     "debug.fault_step": "test-only fault injection: the step; -1 = off",
     "debug.fault_rank": "test-only fault injection: the rank",
-    "debug.fault_kind": "test-only fault injection: raise, exit, nan, sigkill or hang",
+    "debug.fault_kind": "test-only fault injection: raise, exit, nan, sigkill, hang, or signal (SIGUSR1 to itself)",
     "debug.fault_point": "test-only fault injection: step, before_checkpoint or after_checkpoint",
     "debug.fault_once": "test-only fault injection: not again after a restart",
     "debug.record_samples": "test-only: each rank appends the sample indices it trains on to output_dir/samples_rank<r>.txt",

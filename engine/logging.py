@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from engine.config import Config, global_batch_size, normalisation_batch, task_of
+from engine.config import Config, TrainConfig, global_batch_size, normalisation_batch, task_of
 from engine.errors import UserError
 from engine.grad_checkpointing import CheckpointedSequential
 from engine.optim import scaled_lr
@@ -79,12 +79,21 @@ def log_banner(ctx: DistContext, cfg: Config, model: torch.nn.Module) -> None:
         f"   {cfg.task} | model {cfg.model.name} ({cfg.model.num_classes} classes, "
         f"{'pretrained' if cfg.model.pretrained else 'from scratch'}) | data {cfg.data.name}, {_image_size(cfg, model)} | "
         f"batch {cfg.data.batch_size}/process x {ctx.world_size} x accum {cfg.train.accumulate_steps} = "
-        f"{global_batch_size(cfg, ctx.world_size)} global | lr {lr:.4g}\n"
+        f"{global_batch_size(cfg, ctx.world_size)} global | lr {_describe_lr(cfg.train, lr)}\n"
         f"   BatchNorm: {_describe_bn(model, cfg, ctx)}\n"
         f"{_describe_checkpointing(model)}"
         f"   torch {torch.__version__} | python {platform.python_version()} | {_describe_threads()} | "
         f"output {cfg.output_dir}"
     )
+
+
+def _describe_lr(train: TrainConfig, lr: float) -> str:
+    """The rate in use and where it comes from: a recipe ported from a trainer whose --lr is absolute (torchvision's,
+    timm's) sets train.lr_scaling: none."""
+    if train.lr_scaling == "none":
+        return f"{lr:.4g} (train.lr as written)"
+    return (f"{lr:.4g} (train.lr {train.lr:g} per {train.base_batch_size} samples, scaled {train.lr_scaling}; "
+            "train.lr_scaling: none takes it as written)")
 
 
 def _image_size(cfg: Config, model: torch.nn.Module) -> str:
@@ -97,7 +106,8 @@ def _image_size(cfg: Config, model: torch.nn.Module) -> str:
     if family == "segmentation":
         evaluation = f"short side {cfg.data.base_size}" if cfg.data.base_size else "as stored"
         return f"{cfg.data.image_size} px crops, evaluated {evaluation}"
-    return f"{cfg.data.image_size} px"
+    train, evaluation = cfg.data.train_crop_size or cfg.data.image_size, cfg.data.val_crop_size or cfg.data.image_size
+    return f"{train} px" if train == evaluation else f"{train} px crops, evaluated at {evaluation} px"
 
 
 def _describe_threads() -> str:

@@ -1,12 +1,14 @@
-"""Classification: integer labels, cross-entropy, top-1 and top-5 accuracy from sums reduced across ranks."""
+"""Classification: integer labels (MixUp/CutMix: soft targets), cross-entropy, top-1 and top-5 accuracy from sums
+reduced across ranks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from engine.comm import all_reduce_sum
 from tasks.registry import OutputLossTask, main_output, register_task
@@ -18,18 +20,31 @@ if TYPE_CHECKING:
 @register_task("classification")
 class ClassificationTask(OutputLossTask):
     """Integer labels; cross-entropy; top-1 and top-5 accuracy (percent; top-5 only with more than 5 classes, where
-    it says something: ``num_classes`` 0 = not known)."""
+    it says something: ``num_classes`` 0 = not known). ``mix`` (``train.mixup_alpha``, ``train.cutmix_alpha``):
+    each training batch mixed on the device, its labels becoming the mixed one-hot vectors."""
 
     metrics = ("val_acc1", "val_acc5")
+    config_keys = ("data.mean", "data.std", "data.crop_scale", "data.crop_ratio", "data.train_crop_size",
+                   "data.val_resize_size", "data.val_crop_size", "data.interpolation", "data.auto_augment",
+                   "data.auto_augment_kwargs", "data.random_erase", "train.label_smoothing", "train.mixup_alpha",
+                   "train.cutmix_alpha")
 
-    def __init__(self, label_smoothing: float = 0.0, num_classes: int = 0) -> None:
-        self.label_smoothing, self.num_classes = label_smoothing, num_classes
+    def __init__(self, label_smoothing: float = 0.0, num_classes: int = 0,
+                 mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> None:  # fmt: skip
+        self.label_smoothing, self.num_classes, self.mix = label_smoothing, num_classes, mix
 
     @classmethod
     def from_config(cls, cfg: Config, ground_truth: dict[str, Any] | None = None) -> ClassificationTask:
-        return cls(cfg.train.label_smoothing, cfg.model.num_classes)
+        mix = batch_mix(cfg.model.num_classes, cfg.train.mixup_alpha, cfg.train.cutmix_alpha)
+        return cls(cfg.train.label_smoothing, cfg.model.num_classes, mix)
+
+    def training_loss(self, model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        if self.mix is not None:  # MixUp/CutMix: images mixed in pairs, targets the same mixture of one-hot labels
+            images, targets = self.mix(images, targets)
+        return self.loss(model(images), targets)
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy against integer labels or, mixed, against class probabilities (N, classes)."""
         return F.cross_entropy(output, targets, label_smoothing=self.label_smoothing)
 
     def scorer(self, device: torch.device) -> ClassificationScorer:
@@ -44,6 +59,19 @@ class ClassificationTask(OutputLossTask):
             line = ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(classes, values))
             results.append((line, {"classes": classes, "indices": indices, "probabilities": values}))
         return results
+
+
+def batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float
+              ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:  # fmt: skip
+    """torchvision v2's MixUp and CutMix on a batch (one of the two, at random, where both are on), as its
+    reference's collate does; here on the device, after normalisation, so uint8 batches travel as they are. Each
+    pairs a batch with itself rolled by one. The draws come from torch's CPU generator, which checkpoints keep per
+    rank: a resumed run mixes the same pairs with the same weights and boxes. None: both off."""
+    from torchvision.transforms import v2
+
+    mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+    mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
+    return v2.RandomChoice(mixes) if len(mixes) == 2 else (mixes[0] if mixes else None)
 
 
 class ClassificationScorer:

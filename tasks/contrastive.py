@@ -56,7 +56,7 @@ class TwoViews(Dataset):
 
         self.dataset = dataset
         self.geometric = v2.Compose([v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.view_crop_scale), antialias=True),
-                                     v2.RandomHorizontalFlip()])  # fmt: skip
+                                     v2.RandomHorizontalFlip(cfg.hflip_prob)])  # fmt: skip
         s = cfg.view_color_jitter
         colour = [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)] if s > 0 else []
         colour += [v2.RandomGrayscale(cfg.view_grayscale)] if cfg.view_grayscale > 0 else []
@@ -96,6 +96,9 @@ class ContrastiveTask(Task):
 
     metrics = ("val_knn_acc1",)
     model_family = "classification"  # any classifier's backbone: local, torchvision, timm
+    config_keys = ("data.mean", "data.std", "data.val_resize_size", "data.val_crop_size", "data.interpolation",
+                   "model.projection_dim", "data.view_crop_scale", "data.view_color_jitter", "data.view_grayscale",
+                   "data.view_blur", "train.temperature", "train.knn_k", "train.knn_temperature")
 
     def __init__(self, temperature: float, knn_k: int, knn_temperature: float, data: DataConfig) -> None:
         self.temperature, self.knn_k, self.knn_temperature, self.data = temperature, knn_k, knn_temperature, data

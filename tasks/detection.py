@@ -33,6 +33,7 @@ class DetectionTask(Task):
     metrics = ("val_map", "val_map50", "val_map75")
     model_family = "detection"
     dense = True
+    config_keys = ("model.unfreeze_bn", "data.aspect_ratio_group_factor")
 
     def __init__(self, ground_truth: dict[str, Any]) -> None:
         self.ground_truth = ground_truth

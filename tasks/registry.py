@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
     from engine.config import Config, ModelConfig
 
-__all__ = ["MODEL_FAMILIES", "TASKS", "Scorer", "Task", "build_task", "main_output", "register_task", "task_class"]
+__all__ = ["MODEL_FAMILIES", "TASKS", "Scorer", "Task", "build_task", "foreign_keys", "main_output", "register_task",
+           "task_class"]
 
 MODEL_FAMILIES = ("classification", "segmentation", "detection")  # what a model's output is (models/registry.py)
 TASKS: dict[str, type[Task]] = {}
@@ -50,6 +51,10 @@ class Task(abc.ABC):
     or timm classifier), segmentation (logits (N, classes, H, W)) or detection (torchvision's detector API)."""
     dense: ClassVar[bool] = False
     """One image is many values per BatchNorm statistic (pixels, proposals): a batch of one is normalisable."""
+    config_keys: ClassVar[tuple[str, ...] | None] = None
+    """The task's own config keys (``"data.base_size"``, ...): what other tasks ignore. A run of another task that
+    sets one is refused in one line naming the key and the task it belongs to. None (your own task, by default):
+    the task may read any key, and none is refused."""
     predict: ClassVar[Callable[[Tensor, list[str], int], list[tuple[str, dict[str, Any]]]] | None] = None
     """``scripts/predict.py`` for a classification-family task: a method ``predict(logits, class_names, top_k)``
     giving, per image of a batch, the line predict prints and the JSON record it writes. None: the task has no
@@ -127,6 +132,20 @@ def best_metrics(name: str) -> tuple[str, ...]:
     """What ``train.best_metric`` may name for task ``name``: its metrics, then the EMA's."""
     metrics = task_class(name).metrics
     return (*metrics, *(f"{m}_ema" for m in metrics))
+
+
+def foreign_keys(task: str) -> dict[str, list[str]]:
+    """The config keys that other registered tasks declare as their own and ``task`` does not, each with the tasks
+    it belongs to (none for a task that declares no keys of its own: it may read any)."""
+    own = task_class(task).config_keys
+    if own is None:
+        return {}
+    owners: dict[str, list[str]] = {}
+    for name, cls in sorted(TASKS.items()):
+        for key in cls.config_keys or ():
+            if key not in own:
+                owners.setdefault(key, []).append(name)
+    return owners
 
 
 def build_task(cfg: Config, ground_truth: dict[str, Any] | None = None) -> Task:

@@ -26,6 +26,8 @@ class SegmentationTask(OutputLossTask):
     metrics = ("val_miou", "val_pixel_acc")
     model_family = "segmentation"
     dense = True
+    config_keys = ("data.mean", "data.std", "data.base_size", "data.scale_range", "model.aux_loss_weight",
+                   "train.label_smoothing")
 
     def __init__(self, num_classes: int, aux_weight: float = 0.0, label_smoothing: float = 0.0) -> None:
         self.num_classes, self.aux_weight, self.label_smoothing = num_classes, aux_weight, label_smoothing

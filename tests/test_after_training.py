@@ -92,11 +92,13 @@ SEGMENTATION = str(REPO_ROOT / "configs" / "segmentation.yaml")
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory) -> Path:
-    """A 2-process run on a JPEG folder of 3 classes, with an EMA: (output_dir, image root)."""
+    """A 2-process run on a JPEG folder of 3 classes (counted from the folder), with an EMA and an evaluation of its
+    own (mean, std, sizes, interpolation): (output_dir, image root)."""
     root = tmp_path_factory.mktemp("classifier")
     photos = make_photo_folder(root / "photos")
-    args = [f"output_dir={root / 'run'}", f"data.root={photos}", "model.name=small_cnn", "model.num_classes=3",
-            "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "train.epochs=3", "train.lr=0.02",
+    args = [f"output_dir={root / 'run'}", f"data.root={photos}", "model.name=small_cnn", "data.image_size=32",
+            "data.mean=[0.45]", "data.std=[0.25]", "data.val_resize_size=40", "data.val_crop_size=32",
+            "data.interpolation=bicubic", "data.batch_size=8", "data.num_workers=0", "train.epochs=3", "train.lr=0.02",
             "train.warmup_epochs=0", "train.ema_decay=0.9", "train.progress_bar=false", "train.tensorboard=false"]
     rc, out, err = run_train(args, nproc=2, config=IMAGEFOLDER, timeout=300)
     assert rc == 0, err[-3000:]
@@ -110,8 +112,9 @@ def test_a_checkpoint_knows_how_to_use_itself_and_predict_scores_the_runs_val_ac
     best = classifier_run / "run" / "checkpoints" / "best.pt"
     state = torch.load(best, weights_only=True)
     assert state["inference"]["class_names"] == ["grace_hopper", "logo2", "minduka_present_blue_pack"]
-    assert state["inference"]["preprocessing"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                                   "resize": 37, "crop": 32}  # fmt: skip
+    assert state["config"]["model"]["num_classes"] == 3  # the class folders
+    assert state["inference"]["preprocessing"] == {"mean": [0.45], "std": [0.25], "resize": 40, "crop": 32,
+                                                   "interpolation": "bicubic"}  # fmt: skip
     out = classifier_run / "predictions.jsonl"
     results = predict(["--checkpoint", str(best), str(classifier_run / "photos" / "val"), "--out", str(out),
                        "--batch-size", "5"])  # fmt: skip

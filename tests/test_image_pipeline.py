@@ -167,8 +167,15 @@ def test_the_imagefolder_config_learns_on_a_jpeg_folder(tmp_path, photos) -> Non
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical_on_the_uint8_path(tmp_path, photos) -> None:
+def test_kill_and_resume_is_bit_identical_on_the_uint8_path_with_every_recipe_knob_on(tmp_path, photos) -> None:
+    """Flip, crop, sizes, interpolation, mean/std, TrivialAugment, random erasing, MixUp and CutMix all drawn per
+    (seed, epoch, sample) or from the checkpointed RNG: the resumed run is the uninterrupted one, bit for bit."""
+    knobs = dict(data__hflip_prob=0.3, data__crop_scale=[0.3, 1.0], data__crop_ratio=[0.5, 2.0], data__train_crop_size=28,
+                 data__val_resize_size=36, data__val_crop_size=32, data__interpolation="bicubic", data__mean=[0.4],
+                 data__std=[0.3], data__auto_augment="trivialaugment_wide", data__random_erase=0.5,
+                 train__mixup_alpha=0.2, train__cutmix_alpha=1.0, train__label_smoothing=0.1)  # fmt: skip
     reference, resumed, _ = killed_and_resumed(tmp_path, data__name="imagefolder", data__root=photos,
-                                               data__image_size=32, data__batch_size=4, model__num_classes=3)  # fmt: skip
+                                               data__image_size=32, data__batch_size=4, **knobs)  # fmt: skip
     want, got = reference["model"], resumed["model"]
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert reference["inference"]["preprocessing"]["mean"] == [0.4]
