@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from engine.config import config_text, load_config
 from engine.config_reference import reference_text
+from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP, record_exit_code
 
 
 class CommandLine(argparse.ArgumentParser):
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     parse_args()  # --help and a malformed command line answer at once, before torch's seconds-long import
+    STOP.install()  # SIGTERM / SIGUSR1 from here on: checkpoint and exit 75, never a kill (SLURM's warning, scancel)
 
 import random
 import time
@@ -91,7 +93,6 @@ from engine.runtime.distributed import (
     lost_a_peer,
     set_cpu_threads,
 )
-from engine.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, record_exit_code
 from engine.runtime.rundir import announce_resume, prepare_output_dir, release_output_dirs, write_config
 from engine.step_events import step_events
 from engine.train_state import TrainState
@@ -181,24 +182,28 @@ def main(argv: list[str] | None = None) -> int:
     run_start, first_epoch = time.perf_counter(), state.epoch
     # stop signals, the watchdog, logs and trackers, the ranks' agreement, EMA updates, mid-epoch checkpoints
     with step_events(checkpointer, bn_stats, state, steps) as events:
+        if events.stopped_before_training():  # a stop signal during set-up: nothing trained since the checkpoint
+            log.warning(f"stop signal received before the first step; exiting {EXIT_PREEMPTED} (relaunch the same "
+                        "command to resume)")
+            return EXIT_PREEMPTED
         while state.epoch < cfg.train.epochs:
-            epoch_start = time.perf_counter()
             train_sampler.set_epoch(state.epoch, start_step=state.epoch_step)  # a resume continues at its sample
-            trained = train_one_epoch(loop, train_loader, state, events)
-            if trained.stopped:
+            if train_one_epoch(loop, train_loader, state, events):  # the ranks agreed to stop (SIGTERM, SIGUSR1)
                 events.save(state)
                 barrier()  # no rank exits (and makes the launcher tear the job down) before rank 0's save is on disk
                 log.warning(f"stop signal received: checkpoint saved at step {state.step}; exiting {EXIT_PREEMPTED} "
                             "(relaunch the same command to resume)")
                 return EXIT_PREEMPTED
+            evaluation_start = time.perf_counter()
             metrics = {
                 "epoch": state.epoch + 1,
                 "train_loss": state.train_loss,
                 **evaluator(state.step),
                 "lr": optimizer.param_groups[0]["lr"],
-                "samples_per_s": trained.steps * checkpointer.global_batch / trained.seconds,  # training only
-                "train_time_s": trained.seconds,
-                "epoch_time_s": time.perf_counter() - epoch_start,  # training and evaluation
+                # training only, over every start that trained part of this epoch
+                "samples_per_s": state.epoch_step * checkpointer.global_batch / state.epoch_train_time_s,
+                "train_time_s": state.epoch_train_time_s,
+                "epoch_time_s": state.epoch_train_time_s + time.perf_counter() - evaluation_start,  # and evaluation
             }
             is_best = state.finish_epoch(metrics, cfg.train.best_metric)
             events.save(state, is_best)
@@ -218,6 +223,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    STOP.install()  # (already, when run as a script: before torch's import)
     faulthandler.enable(all_threads=True)  # a native abort (a collective library, a kernel) shows each thread's stack
     try:
         return main(argv)

@@ -40,13 +40,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def start_all_reduce_sum(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Start summing ``tensor`` in place over all ranks; the returned function waits and returns it.
+def start_all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:
+    """Start summing ``tensor`` in place over all ranks (of ``group``); the returned function waits and returns it.
 
     For values known well before they are needed (computed after the forward, read after the backward): the
     collective then overlaps the work in between instead of adding its latency.
     """
-    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) if is_initialized() else None
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True) if is_initialized() else None
 
     def wait() -> torch.Tensor:
         if work is not None:

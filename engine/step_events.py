@@ -28,9 +28,9 @@ from engine.config import TrainConfig
 from engine.ema import ModelEma
 from engine.errors import DataError, NonFiniteLossError
 from engine.logging import MetricLogger, MetricsWriter
-from engine.runtime.agreement import Agreement, LossWindow, agree_after_step, mid_epoch_checkpoint_due
+from engine.runtime.agreement import Agreement, LossWindow, StopPoll, agree_after_step, mid_epoch_checkpoint_due
 from engine.runtime.faults import FaultInjector
-from engine.runtime.preemption import StopSignal
+from engine.runtime.preemption import STOP, StopSignal
 from engine.runtime.watchdog import enter, progress, watch_steps
 from engine.train_state import TrainState
 
@@ -50,8 +50,10 @@ class StepEvents:
     ema: ModelEma | None = None  # updated after every train.ema_every optimizer steps
     faults: FaultInjector | None = None  # test-only fault injection (debug.*)
     log_enabled: bool = True  # rank 0 prints the step lines
+    poll: StopPoll | None = None  # every step between agreements: did any rank get a stop signal (None: agreements only)
     _window: LossWindow | None = field(default=None, init=False)
     _pending: Callable[[], Agreement] | None = field(default=None, init=False)
+    _polled: Callable[[], bool] | None = field(default=None, init=False)
     _meter: MetricLogger | None = field(default=None, init=False)
     _since: tuple[int, float] = field(default=(0, 0.0), init=False)  # step and time of the last TensorBoard rate
     _first_step: int = field(default=0, init=False)  # the first step of this call of the epoch (always agreed on)
@@ -86,12 +88,21 @@ class StepEvents:
             due = agree_after_step(state.step + 1, state.epoch_step + 1, self.cfg, self.steps_per_epoch)
             if due or state.step == self._first_step:
                 self._pending = self._window.start_agreement(self.stop.requested)
+            elif self.poll is not None:
+                self._polled = self.poll.start(self.stop.requested)
         return loss
+
+    def stopped_before_training(self) -> bool:
+        """Whether any rank was asked to stop before the first step (during set-up): every rank calls it once."""
+        return self.poll.start(self.stop.requested)() if self.poll is not None else self.stop.requested
 
     def step_done(self, state: TrainState) -> bool:
         """The optimizer step is done: act on the agreement, update the EMA, log, checkpoint mid-epoch; whether the
         ranks agreed to stop (then the caller saves and exits)."""
         agreed, self._pending = (self._pending() if self._pending is not None else None), None
+        if self._polled is not None and self._polled():  # a stop between agreements: agree on the window now
+            agreed = self._window.start_agreement(True)()
+        self._polled = None
         enter("after the optimizer step", in_collective=False)
         if agreed is not None:
             self._check(agreed, state)
@@ -168,18 +179,18 @@ class SaveRun:
 def step_events(checkpointer: Checkpointer, bn_stats: RunningStatistics, state: TrainState,
                 steps_per_epoch: int) -> Iterator[StepEvents]:  # fmt: skip
     """What runs around the steps of the run ``checkpointer`` saves, for as long as the loop runs: stop signals
-    (SIGTERM, SIGUSR1: checkpoint and exit), the watchdog (a rank stuck outside collectives ends the job, naming
-    itself), ``metrics.jsonl`` and the trackers on rank 0 (continuing ``state``'s tracker runs), the ranks'
-    agreement, EMA updates, mid-epoch checkpoints with settled BatchNorm statistics, and the test suite's faults
+    (SIGTERM, SIGUSR1: checkpoint and exit; polled every step), the watchdog (a rank stuck outside collectives ends
+    the job, naming itself), ``metrics.jsonl`` and the trackers on rank 0 (continuing ``state``'s tracker runs),
+    the ranks' agreement, EMA updates, mid-epoch checkpoints with settled BatchNorm statistics, and the test suite's faults
     (``debug.*``, docs/testing.md)."""
     cfg, ctx = checkpointer.cfg, checkpointer.ctx
     faults = FaultInjector.from_config(cfg.debug, ctx.rank, cfg.output_dir)  # None unless a test asks for one
     save = SaveRun(checkpointer, bn_stats, faults)
-    with (
-        StopSignal() as stop,
-        MetricsWriter(cfg, ctx.is_main, state) as writer,
-        watch_steps(cfg.dist.step_timeout_s),
-    ):
-        yield StepEvents(cfg.train, checkpointer.model, checkpointer.optimizer, steps_per_epoch,
-                         checkpointer.global_batch, stop, save, writer=writer, ema=checkpointer.ema, faults=faults,
-                         log_enabled=ctx.is_main)  # fmt: skip
+    poll = StopPoll(cfg.dist.timeout_s)
+    try:
+        with MetricsWriter(cfg, ctx.is_main, state) as writer, watch_steps(cfg.dist.step_timeout_s):
+            yield StepEvents(cfg.train, checkpointer.model, checkpointer.optimizer, steps_per_epoch,
+                             checkpointer.global_batch, STOP.install(), save, writer=writer, ema=checkpointer.ema,
+                             faults=faults, log_enabled=ctx.is_main, poll=poll)  # fmt: skip
+    finally:
+        poll.close()

@@ -17,6 +17,7 @@ class TrainState:
     best_value: float = -1.0  # its best value so far
     loss_sum: float = 0.0  # global (all ranks) train-loss sum of ``epoch`` so far
     loss_count: int = 0
+    epoch_train_time_s: float = 0.0  # training seconds of ``epoch`` so far, over every start that trained part of it
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
     tracker_runs: dict[str, str] = field(default_factory=dict)  # tracker -> its run id (W&B, MLflow): a resume continues it
 
@@ -27,6 +28,10 @@ class TrainState:
         self.loss_sum += sum(loss_sums)
         self.loss_count += sum(counts)
 
+    def add_train_time(self, seconds: float) -> None:
+        """This start trained ``epoch`` for ``seconds`` (an epoch that spans a restart adds both parts)."""
+        self.epoch_train_time_s += seconds
+
     def finish_epoch(self, record: dict[str, Any], best_metric: str) -> bool:
         """The epoch in progress is done and evaluated (``record``: its metrics line); returns whether it is the
         best so far by ``best_metric``. The record travels in every later checkpoint, so a resume can restore
@@ -34,6 +39,7 @@ class TrainState:
         is_best = record[best_metric] > self.best_value
         self.best_metric, self.best_value = best_metric, max(self.best_value, record[best_metric])
         self.epoch, self.epoch_step, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
+        self.epoch_train_time_s = 0.0
         self.history.append(record)
         return is_best
 

@@ -43,13 +43,6 @@ class TrainLoop:
     inputs: InputPrep  # a batch on the device, as the model takes it
 
 
-@dataclass(frozen=True)
-class EpochResult:
-    stopped: bool  # a stop signal ended the epoch early (a checkpoint is due before exiting)
-    steps: int  # optimizer steps run (fewer than an epoch after a resume or a stop)
-    seconds: float
-
-
 def amp_dtype(amp: str) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
@@ -60,11 +53,12 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, events: StepEvents) -> EpochResult:
+def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, events: StepEvents) -> bool:
     """Run the optimizer steps left in ``state.epoch`` (from ``state.epoch_step`` on, so a resume continues at
-    the same sample); ends early, with ``stopped``, when the ranks agree that a stop signal arrived."""
+    the same sample); whether it ended early because the ranks agreed that a stop signal arrived (a checkpoint is
+    then due before exiting). The training time is added to ``state``."""
     model, cfg, accum = loop.model, loop.cfg, loop.cfg.accumulate_steps
-    start, steps_before = time.perf_counter(), state.epoch_step
+    start = time.perf_counter()
     model.train()
     for i, (images, targets) in enumerate(events.batches(loader, state)):
         images, targets = loop.inputs(images), loop.inputs.targets(targets)
@@ -78,8 +72,10 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, even
         if ends_step:
             _optimizer_step(loop)
             if events.step_done(state):
-                return EpochResult(True, state.epoch_step - steps_before, time.perf_counter() - start)
-    return EpochResult(False, state.epoch_step - steps_before, time.perf_counter() - start)
+                state.add_train_time(time.perf_counter() - start)
+                return True
+    state.add_train_time(time.perf_counter() - start)
+    return False
 
 
 def _optimizer_step(loop: TrainLoop) -> None:

@@ -6,17 +6,23 @@ of each step since the last agreement. Afterwards every rank knows, identically:
 stop, the global loss of each of those steps, and whether (and at which step) any rank's loss became NaN or
 infinite. Decisions taken from it (stop, raise, log) are therefore taken by all ranks at the same step, and no
 rank is left waiting in a collective the others have left. Between agreements there is no host read.
+
+Between agreements a :class:`StopPoll` asks only "was any rank asked to stop?" every step, on a CPU (gloo) group
+of its own, so a stop signal is acted on at the next step (a scheduler's ``KillWait`` is 30 s by default) without a
+device sync.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from engine.comm import start_all_reduce_sum
+from engine.comm import is_initialized, start_all_reduce_sum
 from engine.config import TrainConfig
 
 
@@ -49,6 +55,25 @@ def start_agreement(stop: bool, loss_sums: list[torch.Tensor], counts: list[int]
         return Agreement(stopped > 0, values[n:], [int(c) for c in values[:n]])
 
     return result
+
+
+class StopPoll:
+    """Every step's "was any rank asked to stop?": one number all-reduced on a gloo group of its own (a CPU tensor:
+    no device sync, and nothing queued behind the step's gradient all-reduces), started when a step's last forward
+    is done and read after its optimizer step. Every rank reads the same answer at the same step. Build it on every
+    rank (it creates a process group); ``close`` it when the loop ends."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) if is_initialized() else None
+
+    def start(self, stop: bool) -> Callable[[], bool]:
+        wait = start_all_reduce_sum(torch.tensor([float(stop)]), self.group) if self.group is not None else None
+        return (lambda: wait().item() > 0) if wait is not None else (lambda: stop)
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 class LossWindow:

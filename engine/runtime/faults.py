@@ -45,12 +45,12 @@ class FaultInjector:
         return True
 
     def before_step(self, step: int) -> None:
-        """Fail before the forward pass of optimizer step ``step`` (raise, exit, SIGKILL or hang)."""
+        """Fail before the forward pass of optimizer step ``step`` (raise, exit, SIGKILL, hang, or SIGUSR1)."""
         self.at("step", step)
 
     def at(self, point: str, step: int) -> None:
         """Fail at ``point`` of step ``step`` when the config asks for it there."""
-        if not self._armed(step, ("raise", "exit", "sigkill", "hang"), point):
+        if not self._armed(step, ("raise", "exit", "sigkill", "hang", "signal"), point):
             return
         if self.cfg.fault_kind == "raise":
             raise InjectedFault(f"injected fault on rank {self.rank} at step {step} (debug.fault_kind=raise)")
@@ -58,6 +58,9 @@ class FaultInjector:
             os._exit(3)
         if self.cfg.fault_kind == "hang":
             threading.Event().wait()  # forever, outside any collective, as a stuck loader or a deadlock would
+        if self.cfg.fault_kind == "signal":  # a stop request (SIGUSR1) reaching this rank alone, at this point
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
     def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
