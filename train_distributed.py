@@ -62,7 +62,7 @@ from functools import partial
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import build_datasets
+from data import build_datasets, with_dataset_classes
 from data.loaders import (
     GlobalStepSampler,
     aspect_ratio_groups,
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. config: read, override, validate: before any process group, so a typo fails fast on every rank
     cfg = load_config(args.config, args.overrides, launch_world_size(args.local_rank))
+    cfg = with_dataset_classes(cfg)  # model.num_classes 0: the dataset's count (an image folder's class folders)
     if args.print_config:
         print(config_text(cfg), end="")
         return 0

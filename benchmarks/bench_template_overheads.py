@@ -80,7 +80,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     from engine.inputs import InputPrep
     from engine.logging import MetricLogger
     from engine.optim import build_optimizer, build_scheduler
-    from engine.runtime.agreement import start_agreement
+    from engine.runtime.agreement import StopPoll, start_agreement
     from engine.runtime.preemption import StopSignal
     from engine.step_events import StepEvents
     from engine.train_state import TrainState
@@ -112,7 +112,7 @@ def measure(rank: int, world: int, repeats: int, syncbn: bool, model_name: str) 
     val_loader = build_val_loader(data.val, cfg.data, rank, world, False)
     loop = TrainLoop(model, opt, sched, scaler, cfg.train, ClassificationTask(), InputPrep(torch.device("cpu")))
     events = StepEvents(cfg.train, raw, opt, STEPS_PER_EPOCH, 32 * world, StopSignal(), save=lambda state: None,
-                        log_enabled=rank == 0)
+                        log_enabled=rank == 0, poll=StopPoll(cfg.dist.timeout_s))  # as step_events() builds it
     loss_sum = torch.zeros(())
     logger = MetricLogger("bench", 10**9, rank == 0, False)
     ticker = iter(logger.log_every(iter(int, 1), 10**9, 32))  # endless: one next() per step

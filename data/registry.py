@@ -11,10 +11,10 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from data.transforms import Preprocessing
-from engine.config import DataConfig
+from engine.config import Config, DataConfig
 from engine.errors import DataError
 
-__all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "dataset_num_classes", "register_dataset"]
+__all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_dataset", "with_dataset_classes"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ def register_dataset(name: str, num_classes: int | Callable[[DataConfig], int] |
 
     ``num_classes``: what ``model.num_classes: 0`` becomes: the dataset's count, or a function of the data config
     that reads it from the files without loading them (an image folder's class folders); None: the dataset makes
-    as many classes as it is given, 10 when not told."""
+    as many classes as it is given (10 for 0)."""
 
     def wrap(fn: Builder) -> Builder:
         DATASETS[name] = fn
@@ -70,10 +70,16 @@ def register_dataset(name: str, num_classes: int | Callable[[DataConfig], int] |
     return wrap
 
 
-def dataset_num_classes(cfg: DataConfig) -> int:
-    """The number of classes of the dataset ``cfg`` names, for ``model.num_classes: 0``."""
-    count = CLASS_COUNTS.get(cfg.name, ANY_COUNT_DEFAULT)
-    return count(cfg) if callable(count) else count
+def with_dataset_classes(cfg: Config) -> Config:
+    """``model.num_classes: 0`` -> the dataset's count (an image folder's class folders, read without loading
+    them; generated data: 10), so the model is built with the right head before any data is loaded, and the
+    checkpoint's config says the number. A count the files cannot tell yet (no such folder) stays 0: building the
+    data then says what is missing."""
+    if cfg.model.num_classes:
+        return cfg
+    count = CLASS_COUNTS.get(cfg.data.name, ANY_COUNT_DEFAULT)
+    count = count(cfg.data) if callable(count) else count
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=count)) if count else cfg
 
 
 def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
@@ -95,7 +101,8 @@ def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
         pair.preprocessing = dataclasses.replace(pair.preprocessing, mean=tuple(cfg.mean), std=tuple(cfg.std))
     if num_classes and pair.num_classes != num_classes:
         raise DataError(
-            f"model.num_classes is {num_classes} but dataset '{cfg.name}' at {cfg.root} has {pair.num_classes} classes"
+            f"model.num_classes is {num_classes} but dataset '{cfg.name}' at {cfg.root} has {pair.num_classes} classes "
+            f"(set model.num_classes={pair.num_classes}, or 0 to take the dataset's)"
         )
     if len(pair.train) == 0 or len(pair.val) == 0:
         raise DataError(f"dataset '{cfg.name}' at {cfg.root}: empty split (train {len(pair.train)}, val {len(pair.val)})")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from engine.config_checks import validate
 from engine.config_parsing import apply_override, build_dataclass, suggest_file
 from engine.errors import ConfigError
 
@@ -39,7 +40,7 @@ def task_of(cfg: Config) -> type[Task]:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
-    num_classes: int = 0  # 0: the dataset's (an image folder's class folders, CIFAR's 10 ...; generated data: 10)
+    num_classes: int = 10  # 0: the dataset's (an image folder's class folders, CIFAR's, VOC's, COCO's)
     pretrained: bool = False  # the library's weights, fetched once per node into its cache (docs/models.md)
     aux_loss_weight: float = 0.0  # segmentation: > 0 builds the auxiliary head and adds its weighted loss
     unfreeze_bn: bool = False  # detection: the backbone's FrozenBatchNorm2d made trainable BatchNorm2d (for SyncBN)
@@ -202,7 +203,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    cfg = resolve_num_classes(resolve_defaults(config_from_dict(raw)))
+    cfg = resolve_defaults(config_from_dict(raw))
     batch_given = isinstance(raw.get("data"), dict) and "batch_size" in raw["data"]
     return resolve_norm_batch(resolve_global_batch(cfg, world_size, batch_given), world_size)
 
@@ -241,20 +242,6 @@ def resolve_defaults(cfg: Config) -> Config:
     if task_of(cfg).model_family == "detection" and data.val_batch_size == 0:
         data = dataclasses.replace(data, val_batch_size=1)
     return dataclasses.replace(cfg, train=train, data=data)
-
-
-def resolve_num_classes(cfg: Config) -> Config:
-    """``model.num_classes: 0`` -> the dataset's count (an image folder's class folders, read without loading
-    them; generated data: 10), so the model is built with the right head before any data is loaded. A count the
-    files cannot tell yet (no such folder) stays 0: building the data says what is missing."""
-    from data import dataset_num_classes
-
-    count = 0 if cfg.model.num_classes else dataset_num_classes(cfg.data)
-    if count == 0:
-        return cfg
-    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=count))
-    validate(resolved)
-    return resolved
 
 
 def resolve_global_batch(cfg: Config, world_size: int, batch_given: bool = False) -> Config:
@@ -312,118 +299,6 @@ def resolve_norm_batch(cfg: Config, world_size: int) -> Config:
     resolved = dataclasses.replace(cfg, syncbn=syncbn)
     validate(resolved)
     return resolved
-
-
-def validate(cfg: Config) -> None:
-    """Reject impossible values with the key that holds them."""
-    task = task_of(cfg)
-    checks = [
-        (cfg.model.num_classes >= 0, "model.num_classes", "must be >= 1 (0: the dataset's)"),
-        (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1 (it is per process)"),
-        (cfg.data.global_batch_size >= 0, "data.global_batch_size", "must be >= 0 (0 = off)"),
-        (cfg.data.val_batch_size >= 0, "data.val_batch_size", "must be >= 0 (0 = data.batch_size)"),
-        (cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0 or auto"),
-        (cfg.data.image_size >= 8, "data.image_size", "must be >= 8"),
-        (len(cfg.data.mean) == len(cfg.data.std), "data.std", "needs as many values as data.mean (both, or neither)"),
-        (all(s > 0 for s in cfg.data.std), "data.std", "must be > 0 per channel"),
-        (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
-        (len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
-         "data.crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
-        (len(cfg.data.crop_ratio) == 2 and 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1],
-         "data.crop_ratio", "must be [low, high] with 0 < low <= high"),
-        (cfg.data.train_crop_size == 0 or cfg.data.train_crop_size >= 8, "data.train_crop_size",
-         "must be >= 8 (0 = data.image_size)"),
-        (cfg.data.val_resize_size >= 0, "data.val_resize_size", "must be >= 0 (0 = val_crop_size / 0.875)"),
-        (cfg.data.val_crop_size == 0 or cfg.data.val_crop_size >= 8, "data.val_crop_size", "must be >= 8 (0 = data.image_size)"),
-        (cfg.data.auto_augment != "none" or not cfg.data.auto_augment_kwargs, "data.auto_augment_kwargs",
-         "needs data.auto_augment"),
-        (0 <= cfg.data.random_erase <= 1, "data.random_erase", "must be in [0, 1]"),
-        (cfg.data.augment or cfg.data.auto_augment == "none", "data.auto_augment", "needs data.augment: true"),
-        (cfg.data.augment or cfg.data.random_erase == 0, "data.random_erase", "needs data.augment: true"),
-        (cfg.train.mixup_alpha >= 0, "train.mixup_alpha", "must be >= 0 (0 = off)"),
-        (cfg.train.cutmix_alpha >= 0, "train.cutmix_alpha", "must be >= 0 (0 = off)"),
-        (cfg.data.num_train >= 1, "data.num_train", "must be >= 1"),
-        (cfg.data.num_val >= 1, "data.num_val", "must be >= 1"),
-        (cfg.data.channels >= 1, "data.channels", "must be >= 1"),
-        (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
-        (cfg.train.lr > 0, "train.lr", "must be > 0"),
-        (cfg.train.base_batch_size >= 1, "train.base_batch_size", "must be >= 1"),
-        (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),
-        (cfg.train.weight_decay == "auto" or cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0 or auto"),
-        (cfg.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
-        (0 < cfg.train.step_gamma <= 1, "train.step_gamma", "must be in (0, 1]"),
-        (cfg.train.min_lr >= 0, "train.min_lr", "must be >= 0"),
-        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)"),
-        (cfg.train.temperature > 0, "train.temperature", "must be > 0"),
-        (cfg.train.knn_k >= 1, "train.knn_k", "must be >= 1"),
-        (cfg.train.knn_temperature > 0, "train.knn_temperature", "must be > 0"),
-        (cfg.model.projection_dim >= 1, "model.projection_dim", "must be >= 1"),
-        (len(cfg.data.view_crop_scale) == 2 and 0 < cfg.data.view_crop_scale[0] <= cfg.data.view_crop_scale[1] <= 1,
-         "data.view_crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
-        (cfg.data.view_color_jitter >= 0, "data.view_color_jitter", "must be >= 0 (0 = off)"),
-        (0 <= cfg.data.view_grayscale <= 1, "data.view_grayscale", "must be in [0, 1]"),
-        (0 <= cfg.data.view_blur <= 1, "data.view_blur", "must be in [0, 1]"),
-        (cfg.train.accumulate_steps >= 1, "train.accumulate_steps", "must be >= 1"),
-        (cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0 = off)"),
-        (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 = per epoch)"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
-        (cfg.train.agree_every_steps >= 1, "train.agree_every_steps", "must be >= 1"),
-        (cfg.train.print_freq >= 1, "train.print_freq", "must be >= 1"),
-        (0 <= cfg.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)"),
-        (cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1"),
-        (cfg.train.ema_decay > 0 or not cfg.train.best_metric.endswith("_ema"), "train.best_metric",
-         "an EMA metric needs train.ema_decay > 0"),
-        (not (1 <= cfg.model.num_classes <= 5 and cfg.train.best_metric.startswith("val_acc5")), "train.best_metric",
-         "top-5 accuracy needs more than 5 classes (model.num_classes)"),
-        (cfg.train.resume != "", "train.resume", "must be auto, none or a checkpoint path"),
-        (cfg.syncbn.group_size >= 0, "syncbn.group_size", "must be >= 0 (0 = whole world)"),
-        (cfg.syncbn.virtual_splits >= 1, "syncbn.virtual_splits", "must be >= 1"),
-        (cfg.syncbn.precise_bn_samples >= 0, "syncbn.precise_bn_samples", "must be >= 0 (0 = off)"),
-        (cfg.syncbn.norm_batch_size >= 0, "syncbn.norm_batch_size", "must be >= 0 (0 = off)"),
-        (not (cfg.syncbn.enabled and cfg.syncbn.virtual_splits > 1), "syncbn.virtual_splits",
-         "ghost BatchNorm (virtual_splits > 1) needs syncbn.enabled: false"),
-        (not (cfg.train.grad_checkpointing and cfg.syncbn.enabled and cfg.syncbn.impl == "torch"), "syncbn.impl",
-         "torch's SyncBatchNorm counts a checkpoint's replay twice and communicates again; with "
-         "train.grad_checkpointing use auto or ours (ours on every device)"),
-        (cfg.data.batch_size % cfg.syncbn.virtual_splits == 0, "syncbn.virtual_splits",
-         f"must divide data.batch_size ({cfg.data.batch_size})"),
-        # (a dense net normalises over pixels too: one image per statistic is a batch of H x W values)
-        (cfg.syncbn.enabled or task.dense or cfg.data.batch_size // cfg.syncbn.virtual_splits >= 2,
-         "data.batch_size", "BatchNorm needs >= 2 samples per process (per virtual split) when syncbn.enabled is false"),
-        (cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must be >= 0 (0 = no auxiliary head)"),
-        (cfg.data.base_size >= 0, "data.base_size", "must be >= 0 (0 = images as stored)"),
-        (cfg.data.aspect_ratio_group_factor >= 0, "data.aspect_ratio_group_factor", "must be >= 0 (0 = off)"),
-        (len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
-         "data.scale_range", "must be [low, high] with 0 < low <= high"),
-        (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
-        (cfg.dist.step_timeout_s >= 0, "dist.step_timeout_s", "must be >= 0 (0 = off)"),
-        (cfg.output_dir.strip() != "", "output_dir", "must not be empty"),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {message}, got {_lookup(cfg, key)!r}")
-    _refuse_other_tasks_keys(cfg)
-    if cfg.train.eval_only and cfg.train.resume == "none" and not cfg.model.pretrained:
-        raise ConfigError("train.eval_only: needs a checkpoint: train.resume=auto (output_dir's, see "
-                          "train.eval_checkpoint), train.resume=PATH, or model.pretrained")
-
-
-def _refuse_other_tasks_keys(cfg: Config) -> None:
-    """A key another task reads (its ``config_keys``), set away from its default, would do nothing in this run."""
-    from tasks.registry import foreign_keys
-
-    defaults = Config()
-    for key, owners in foreign_keys(cfg.task).items():
-        if _lookup(cfg, key) != _lookup(defaults, key):
-            raise ConfigError(f"{key}: belongs to task {' or '.join(owners)} and does nothing for task {cfg.task}; "
-                              f"remove it (or set task: {owners[0]})")
-
-
-def _lookup(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def global_batch_size(cfg: Config, world_size: int) -> int:

@@ -15,8 +15,8 @@ HELP: dict[str, str] = {
     "task": "classification, segmentation, detection or your own (tasks/): decides targets, loss, metrics "
             "(docs/tasks.md)",
     "model.name": "registry name: a local model, a torchvision model, timm/<name> or smp/<Architecture>",
-    "model.num_classes": "number of outputs; 0: the dataset's (an image folder's class folders, CIFAR's, VOC's, COCO's; "
-                         "generated data: 10)",
+    "model.num_classes": "number of outputs; 0: the dataset's count (an image folder's class folders, CIFAR's, VOC's, "
+                         "COCO's), as the shipped image-folder configs set",
     "model.pretrained": "the library's weights, fetched once per node into its cache (docs/models.md)",
     "model.kwargs": "extra keyword arguments for the model's builder",
     "model.projection_dim": "contrastive: the projection head's output size (SimCLR's 128)",

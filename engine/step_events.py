@@ -27,7 +27,7 @@ from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig
 from engine.ema import ModelEma
 from engine.errors import DataError, NonFiniteLossError
-from engine.logging import MetricLogger, MetricsWriter
+from engine.logging import MetricLogger, MetricsWriter, get_logger
 from engine.runtime.agreement import Agreement, LossWindow, StopPoll, agree_after_step, mid_epoch_checkpoint_due
 from engine.runtime.faults import FaultInjector
 from engine.runtime.preemption import STOP, StopSignal
@@ -57,6 +57,7 @@ class StepEvents:
     _meter: MetricLogger | None = field(default=None, init=False)
     _since: tuple[int, float] = field(default=(0, 0.0), init=False)  # step and time of the last TensorBoard rate
     _first_step: int = field(default=0, init=False)  # the first step of this call of the epoch (always agreed on)
+    _first_loss: float = field(default=0.0, init=False)  # a fresh run's step-1 loss, for the divergence warning
 
     def batches(self, loader: DataLoader, state: TrainState) -> Iterator[Any]:
         """The micro-batches left in ``state.epoch`` (the sampler was set to its epoch and step), with the console
@@ -139,8 +140,25 @@ class StepEvents:
         for k, (total, n) in enumerate(zip(agreed.loss_sums, agreed.counts)):
             loss = total / max(n, 1)
             self._meter.update(loss=loss)
+            self._watch_divergence(loss, first + k + 1)
             if self.writer is not None and (first + k + 1) % self.cfg.print_freq == 0:
                 self.writer.add_step(first + k + 1, loss=loss)
+
+    def _watch_divergence(self, loss: float, step: int) -> None:
+        """A fresh run whose training loss climbs to twice (and 1 above) its first step's within the first epoch is
+        named once, with the rate, instead of ending as a quiet chance-level accuracy (a recipe's rate this model
+        cannot take). (The validation loss of a healthy first epoch can be far higher, BatchNorm's statistics still
+        settling: it is not watched.)"""
+        if step == 1:
+            self._first_loss = loss
+        elif self._first_loss > 0 and step <= self.steps_per_epoch and loss > max(2 * self._first_loss,
+                                                                                 self._first_loss + 1):
+            lr = self.optimizer.param_groups[0]["lr"]
+            get_logger().warning(f"warning: loss {loss:.3g} at step {step} is {loss / self._first_loss:.1f}x its first "
+                                 f"value {self._first_loss:.3g}: training is diverging at lr {lr:.3g}; lower train.lr "
+                                 "(this model may take less than the recipe's), or add train.warmup_epochs or "
+                                 "train.clip_grad_norm")  # fmt: skip
+            self._first_loss = -1.0  # once
 
     def _log_step(self, step: int) -> None:
         """The learning rate to the console meter; every ``train.print_freq`` steps, lr and throughput to TensorBoard."""

@@ -157,12 +157,19 @@ def test_a_key_that_does_nothing_for_the_task_is_refused_in_one_line(overrides, 
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
-def test_an_image_folder_counts_its_classes_unless_told(photos, tmp_path) -> None:
-    keys = ["data.name=imagefolder", f"data.root={photos}"]
-    assert load_config(None, keys).model.num_classes == 3
-    assert load_config(None, [*keys, "model.num_classes=5"]).model.num_classes == 5  # said: kept (then checked)
-    assert load_config(None, ["data.name=imagefolder", f"data.root={tmp_path}"]).model.num_classes == 0  # not there yet
-    assert load_config(None, []).model.num_classes == 10  # generated data: any count, 10 unless told
+def test_an_image_folder_counts_its_classes_when_num_classes_is_0(photos, tmp_path) -> None:
+    from data import with_dataset_classes
+
+    def classes(*overrides: str) -> int:
+        return with_dataset_classes(load_config(None, ["data.name=imagefolder", *overrides])).model.num_classes
+
+    assert classes(f"data.root={photos}", "model.num_classes=0") == 3
+    assert classes(f"data.root={photos}", "model.num_classes=5") == 5  # a number: kept (then checked against the data)
+    assert classes(f"data.root={tmp_path}", "model.num_classes=0") == 0  # no folder yet: building the data says so
+    assert load_config(str(REPO_ROOT / "configs" / "imagefolder.yaml")).model.num_classes == 0
+    with pytest.raises(Exception, match=r"model.num_classes is 5 but dataset 'imagefolder' .* has 3 classes \(set "
+                                        r"model.num_classes=3, or 0 to take the dataset's\)"):
+        build_datasets(DataConfig(name="imagefolder", root=str(photos)), 5, seed=0)
 
 
 def test_torchvisions_resnet50_recipe_has_its_published_values_and_runs_two_steps(photos, tmp_path) -> None:
@@ -186,3 +193,19 @@ def test_torchvisions_resnet50_recipe_has_its_published_values_and_runs_two_step
     assert "[2/2]" in stdout  # 6 images, 3 a step
     (record,) = metric_records(out)
     assert {"val_acc1", "val_acc1_ema"} <= record.keys()
+
+
+def test_a_rate_the_model_cannot_take_is_named_in_the_first_epoch(tmp_path) -> None:
+    """A loss that climbs far above its first value in the first epoch is a warning naming the rate (it used to end
+    as a quiet chance-level accuracy); a healthy run says nothing of the kind."""
+    from tests.helpers.jobs import tiny_overrides
+
+    rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "wild", model__kwargs="{width: 16}", train__lr=80,
+                                                      train__warmup_epochs=0, train__epochs=1,
+                                                      train__agree_every_steps=1))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    warnings = [line for line in (out + err).splitlines() if "training is diverging at lr" in line]
+    assert len(warnings) == 1 and "lower train.lr" in warnings[0], out[-2000:]
+    rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "calm", model__kwargs="{width: 16}", train__epochs=1,
+                                                      train__agree_every_steps=1))  # fmt: skip
+    assert rc == 0 and "diverging" not in out + err
