@@ -121,7 +121,7 @@ class TrainConfig:
     eval_checkpoint: Literal["last", "best"] = "last"  # eval_only with resume auto: which of output_dir's checkpoints
     checkpoint_every_steps: int = 0  # 0 = end of epoch only
     keep_checkpoints: int = 2
-    agree_every_steps: int = 10  # ranks agree on stop signal and losses (NaN check); also before every checkpoint
+    agree_every_steps: int = 10  # ranks agree on losses (NaN check); also before every checkpoint (stops: every step)
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (evaluated and saved beside the model)
     ema_warmup: bool = True  # decay min(d, (1 + u) / (10 + u)) after u updates
     ema_every: int = 1  # optimizer steps between EMA updates

@@ -102,7 +102,7 @@ HELP: dict[str, str] = {
     "train.eval_checkpoint": "eval_only with resume auto: the run's last or best checkpoint",
     "train.checkpoint_every_steps": "mid-epoch checkpoints every N optimizer steps; 0 = at epoch ends only",
     "train.keep_checkpoints": "history checkpoints kept for fallback",
-    "train.agree_every_steps": "steps between the ranks' agreements (stop signal, global loss, NaN check)",
+    "train.agree_every_steps": "steps between the ranks' agreements (global loss, NaN check; stop signals are polled every step)",
     "train.ema_decay": "EMA of the weights with this decay, evaluated and saved beside the model; 0 = off",
     "train.ema_warmup": "EMA decay warmup: min(decay, (1 + u) / (10 + u)) after u updates",
     "train.ema_every": "optimizer steps between EMA updates",
