@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +29,11 @@ SBATCH = REPO_ROOT / "scripts" / "slurm.sbatch"
 def _sbatch(submit_dir: Path, args: list[str]) -> subprocess.Popen:
     """``scripts/slurm.sbatch ARGS`` as a batch step runs it: from the submission folder (not the repository), 2
     tasks, with the stand-in srun and scontrol."""
+    with socket.socket() as s:  # a free port: the script's default derives one from the job id, shared by every test run
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     env = child_env({"PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+                     "MASTER_PORT": port,
                      "SLURM_SUBMIT_DIR": str(submit_dir), "SLURM_JOB_NODELIST": "localhost", "FAKE_KILL_WAIT": "5",
                      "FAKE_SBATCH_SCRIPT": str(SBATCH), "FAKE_SCONTROL_LOG": str(submit_dir / "scontrol.log")})
     return subprocess.Popen(["bash", str(SBATCH), *args], cwd=submit_dir, env=env, stdout=subprocess.PIPE,
