@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from data.transforms import Preprocessing
 from engine.config import Config, DataConfig
+from engine.config_checks import validate
 from engine.errors import DataError
 
 __all__ = ["DATASETS", "DataError", "DatasetPair", "build_datasets", "register_dataset", "with_dataset_classes"]
@@ -79,7 +80,11 @@ def with_dataset_classes(cfg: Config) -> Config:
         return cfg
     count = CLASS_COUNTS.get(cfg.data.name, ANY_COUNT_DEFAULT)
     count = count(cfg.data) if callable(count) else count
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=count)) if count else cfg
+    if not count:
+        return cfg
+    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=count))
+    validate(resolved)  # what depends on the count (top-5 needs more than 5 classes) is checked again
+    return resolved
 
 
 def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:

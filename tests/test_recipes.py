@@ -167,6 +167,8 @@ def test_an_image_folder_counts_its_classes_when_num_classes_is_0(photos, tmp_pa
     assert classes(f"data.root={photos}", "model.num_classes=5") == 5  # a number: kept (then checked against the data)
     assert classes(f"data.root={tmp_path}", "model.num_classes=0") == 0  # no folder yet: building the data says so
     assert load_config(str(REPO_ROOT / "configs" / "imagefolder.yaml")).model.num_classes == 0
+    with pytest.raises(ConfigError, match="^train.best_metric: top-5 accuracy needs more than 5 classes"):
+        classes(f"data.root={photos}", "model.num_classes=0", "train.best_metric=val_acc5")  # 3 class folders
     with pytest.raises(Exception, match=r"model.num_classes is 5 but dataset 'imagefolder' .* has 3 classes \(set "
                                         r"model.num_classes=3, or 0 to take the dataset's\)"):
         build_datasets(DataConfig(name="imagefolder", root=str(photos)), 5, seed=0)
