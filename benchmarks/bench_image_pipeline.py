@@ -33,7 +33,8 @@ from common import fmt_stat, machine_banner, med, print_table, ratio_stat, verdi
 
 from data.imagefolder import EvaluationFile  # noqa: E402
 from data.images import RandomResizedCropFile  # noqa: E402
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocessing  # noqa: E402
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_preprocessing  # noqa: E402
+from engine.config import DataConfig  # noqa: E402
 from scripts.sample_images import photo  # noqa: E402
 
 GOALS = {"train": 1.6, "eval": 1.9}  # the uint8 path's rate over today's (issue #24)
@@ -74,7 +75,8 @@ def pipelines(size: int) -> dict[str, dict[str, Callable[[str], torch.Tensor]]]:
                                                                  "eval": {"today": today(today_eval)}}  # fmt: skip
     for decoder in ("torchvision", "pil", "auto"):
         out["train"][decoder] = RandomResizedCropFile(size, decoder)
-        out["eval"][decoder] = EvaluationFile(imagenet_preprocessing(size), decoder)
+        evaluation = classification_preprocessing(DataConfig(image_size=size), IMAGENET_MEAN, IMAGENET_STD)
+        out["eval"][decoder] = EvaluationFile(evaluation, decoder)
     return out
 
 

@@ -129,7 +129,8 @@ def build_synthetic_detection(cfg: DataConfig, num_classes: int, seed: int) -> D
     colours = torch.rand(num_classes, 3, generator=generator)
     names = {k: f"{SHAPES[(k - 1) % len(SHAPES)]}{'' if k <= len(SHAPES) else k}" for k in range(1, num_classes)}
     splits = []
-    for count, first_id, flip in ((cfg.num_train, 0, cfg.augment * cfg.hflip_prob), (cfg.num_val, cfg.num_train, 0.0)):
+    train_flip = cfg.hflip_prob if cfg.augment else 0.0
+    for count, first_id, flip in ((cfg.num_train, 0, train_flip), (cfg.num_val, cfg.num_train, 0.0)):
         images, targets = _synthetic_split(count, num_classes, cfg.image_size, colours, first_id, generator)
         sizes = [tuple(image.shape[-2:]) for image in images]
         splits.append((DetectionSamples(images.__getitem__, targets, sizes, flip), targets, sizes))
@@ -225,7 +226,8 @@ def _coco_split(cfg: DataConfig, split: str, num_classes: int, train: bool) -> t
     if not kept:
         raise DataError(f"{path}: no image with a box to {'train on' if train else 'evaluate'}")
     sizes = [(image["height"], image["width"]) for image in kept]
-    samples = DetectionSamples(CocoFiles(folder, kept, cfg.decoder), targets, sizes, train * cfg.augment * cfg.hflip_prob)
+    samples = DetectionSamples(CocoFiles(folder, kept, cfg.decoder), targets, sizes,
+                               cfg.hflip_prob if train and cfg.augment else 0.0)
     return samples, instances
 
 

@@ -78,11 +78,6 @@ def classification_preprocessing(cfg: DataConfig, mean: tuple[float, ...], std: 
     return Preprocessing(tuple(cfg.mean) or mean, tuple(cfg.std) or std, resize, crop, cfg.interpolation)
 
 
-def imagenet_preprocessing(image_size: int) -> Preprocessing:
-    """The classic ResNet evaluation: short side to image_size / 0.875, center crop image_size."""
-    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, resize=round(image_size / 0.875), crop=image_size)
-
-
 def cifar_train_transform(cfg: DataConfig, fill: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Pad-and-crop + flip, as in the CIFAR ResNet papers, then :func:`train_policies`."""
     from torchvision.transforms import v2

@@ -24,10 +24,8 @@ def validate(cfg: Any) -> None:
         (len(cfg.data.mean) == len(cfg.data.std), "data.std", "needs as many values as data.mean (both, or neither)"),
         (all(s > 0 for s in cfg.data.std), "data.std", "must be > 0 per channel"),
         (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
-        (len(cfg.data.crop_scale) == 2 and 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1,
-         "data.crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
-        (len(cfg.data.crop_ratio) == 2 and 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1],
-         "data.crop_ratio", "must be [low, high] with 0 < low <= high"),
+        (_interval(cfg.data.crop_scale, top=1), "data.crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
+        (_interval(cfg.data.crop_ratio), "data.crop_ratio", "must be [low, high] with 0 < low <= high"),
         (cfg.data.train_crop_size == 0 or cfg.data.train_crop_size >= 8, "data.train_crop_size",
          "must be >= 8 (0 = data.image_size)"),
         (cfg.data.val_resize_size >= 0, "data.val_resize_size", "must be >= 0 (0 = val_crop_size / 0.875)"),
@@ -55,8 +53,8 @@ def validate(cfg: Any) -> None:
         (cfg.train.knn_k >= 1, "train.knn_k", "must be >= 1"),
         (cfg.train.knn_temperature > 0, "train.knn_temperature", "must be > 0"),
         (cfg.model.projection_dim >= 1, "model.projection_dim", "must be >= 1"),
-        (len(cfg.data.view_crop_scale) == 2 and 0 < cfg.data.view_crop_scale[0] <= cfg.data.view_crop_scale[1] <= 1,
-         "data.view_crop_scale", "must be [low, high] with 0 < low <= high <= 1"),
+        (_interval(cfg.data.view_crop_scale, top=1), "data.view_crop_scale",
+         "must be [low, high] with 0 < low <= high <= 1"),
         (cfg.data.view_color_jitter >= 0, "data.view_color_jitter", "must be >= 0 (0 = off)"),
         (0 <= cfg.data.view_grayscale <= 1, "data.view_grayscale", "must be in [0, 1]"),
         (0 <= cfg.data.view_blur <= 1, "data.view_blur", "must be in [0, 1]"),
@@ -90,8 +88,7 @@ def validate(cfg: Any) -> None:
         (cfg.model.aux_loss_weight >= 0, "model.aux_loss_weight", "must be >= 0 (0 = no auxiliary head)"),
         (cfg.data.base_size >= 0, "data.base_size", "must be >= 0 (0 = images as stored)"),
         (cfg.data.aspect_ratio_group_factor >= 0, "data.aspect_ratio_group_factor", "must be >= 0 (0 = off)"),
-        (len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
-         "data.scale_range", "must be [low, high] with 0 < low <= high"),
+        (_interval(cfg.data.scale_range), "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
         (cfg.dist.step_timeout_s >= 0, "dist.step_timeout_s", "must be >= 0 (0 = off)"),
         (cfg.output_dir.strip() != "", "output_dir", "must not be empty"),
@@ -114,6 +111,11 @@ def _refuse_other_tasks_keys(cfg: Any) -> None:
         if _lookup(cfg, key) != _lookup(defaults, key):
             raise ConfigError(f"{key}: belongs to task {' or '.join(owners)} and does nothing for task {cfg.task}; "
                               f"remove it (or set task: {owners[0]})")
+
+
+def _interval(values: list[float], top: float = float("inf")) -> bool:
+    """``[low, high]`` with 0 < low <= high <= top."""
+    return len(values) == 2 and 0 < values[0] <= values[1] <= top
 
 
 def _lookup(cfg: Any, dotted: str) -> Any:

@@ -208,7 +208,7 @@ def step_events(checkpointer: Checkpointer, bn_stats: RunningStatistics, state: 
     try:
         with MetricsWriter(cfg, ctx.is_main, state) as writer, watch_steps(cfg.dist.step_timeout_s):
             yield StepEvents(cfg.train, checkpointer.model, checkpointer.optimizer, steps_per_epoch,
-                             checkpointer.global_batch, STOP.install(), save, writer=writer, ema=checkpointer.ema,
+                             checkpointer.global_batch, STOP, save, writer=writer, ema=checkpointer.ema,
                              faults=faults, log_enabled=ctx.is_main, poll=poll)  # fmt: skip
     finally:
         poll.close()

@@ -58,7 +58,7 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, even
     the same sample); whether it ended early because the ranks agreed that a stop signal arrived (a checkpoint is
     then due before exiting). The training time is added to ``state``."""
     model, cfg, accum = loop.model, loop.cfg, loop.cfg.accumulate_steps
-    start = time.perf_counter()
+    start, stopped = time.perf_counter(), False
     model.train()
     for i, (images, targets) in enumerate(events.batches(loader, state)):
         images, targets = loop.inputs(images), loop.inputs.targets(targets)
@@ -71,11 +71,11 @@ def train_one_epoch(loop: TrainLoop, loader: DataLoader, state: TrainState, even
             loop.scaler.scale(loss / accum).backward()
         if ends_step:
             _optimizer_step(loop)
-            if events.step_done(state):
-                state.add_train_time(time.perf_counter() - start)
-                return True
+            stopped = events.step_done(state)
+            if stopped:
+                break
     state.add_train_time(time.perf_counter() - start)
-    return False
+    return stopped
 
 
 def _optimizer_step(loop: TrainLoop) -> None:

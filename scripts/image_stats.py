@@ -25,8 +25,6 @@ from data.images import decode_image  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.logging import exit_code  # noqa: E402
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
 
 def channel_statistics(paths: list[str]) -> tuple[list[float], list[float]]:
     """Mean and standard deviation per channel of every pixel of ``paths`` (scaled to [0, 1]); one value each when
@@ -46,12 +44,15 @@ def channel_statistics(paths: list[str]) -> tuple[list[float], list[float]]:
 
 def report(root: str, limit: int = 0) -> tuple[list[float], list[float]]:
     """Print (and return) the statistics of ``root``/train as config lines."""
+    from torchvision.datasets import ImageFolder
+
     train = os.path.join(root, "train")
     if not os.path.isdir(train):
         raise UserError(f"{root}: no train/ folder (expected {root}/train/<class>/<image>)")
-    paths = sorted(str(p) for p in Path(train).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"{train}: no images")
+    try:  # the files an image-folder run trains on, listed as it lists them
+        paths = [path for path, _ in ImageFolder(train, loader=str).samples]
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"{train}: no images in class folders ({str(exc).splitlines()[0]})") from None
     if limit and len(paths) > limit:
         paths = paths[:: -(-len(paths) // limit)]
     mean, std = channel_statistics(paths)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from data.images import DECODERS, RandomResizedCropFile, decode_image
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocessing
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, classification_preprocessing
+from engine.config import DataConfig
 from engine.errors import SampleError
 from engine.inputs import InputPrep
 from tests.helpers.jobs import REPO_ROOT, killed_and_resumed, metric_records, run_train
@@ -62,7 +63,7 @@ def test_reduced_size_decoding_at_evaluation_covers_the_resize(tmp_path) -> None
     evaluation makes of it is the full decode's result to within a few levels."""
     path = tmp_path / "large.jpg"
     photo((1024, 768), seed=3).save(path, quality=90)
-    preprocessing = imagenet_preprocessing(224)
+    preprocessing = classification_preprocessing(DataConfig(image_size=224), IMAGENET_MEAN, IMAGENET_STD)
     reduced = decode_image(str(path), "auto", reduce_to=preprocessing.resize)
     full = decode_image(str(path), "torchvision")
     assert preprocessing.resize <= min(reduced.shape[-2:]) < min(full.shape[-2:])
