@@ -72,6 +72,10 @@ def test_auto_loader_workers_leave_each_process_one_cpu(tmp_path):
     assert cpus_per_process({}) == cpus
     assert cpus_per_process({"LOCAL_WORLD_SIZE": str(cpus)}) == 1
     assert cpus_per_process({"LOCAL_WORLD_SIZE": str(4 * cpus)}) == 1  # never less than one
+    srun = {"SLURM_PROCID": "0", "SLURM_NTASKS_PER_NODE": str(4 * cpus)}
+    assert cpus_per_process({**srun, "SLURM_CPUS_PER_TASK": str(cpus)}) == cpus  # bound to its share: not divided
+    assert cpus_per_process({**srun, "SLURM_CPUS_PER_TASK": str(4 * cpus)}) == cpus  # never more than it may use
+    assert cpus_per_process(srun) == 1  # no --cpus-per-task: the node's CPUs over its tasks
     quota = tmp_path / "cpu.max"  # a container's quota: 1.5 CPUs -> 2, "max" -> no cap
     quota.write_text("150000 100000\n")
     assert cpus_per_process({}, str(quota)) == min(cpus, 2)

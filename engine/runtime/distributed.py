@@ -129,7 +129,8 @@ def record_error_for_launcher(message: str) -> None:
 
 def cpus_per_process(environ: Mapping[str, str] | None = None, cgroup: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The CPUs this process may use (its affinity, capped by a container's CPU quota: cgroup v2's ``cpu.max``),
-    shared by the processes the launcher started on this node."""
+    shared by the processes the launcher started on this node; under srun, the task's ``--cpus-per-task`` (with
+    SLURM's CPU binding a task's affinity is already its own share, without it the whole node's)."""
     environ = os.environ if environ is None else environ
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
@@ -139,6 +140,9 @@ def cpus_per_process(environ: Mapping[str, str] | None = None, cgroup: str = "/s
             cpus = min(cpus, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):
         pass
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if "LOCAL_WORLD_SIZE" not in environ and "SLURM_PROCID" in environ and per_task.isdigit():
+        return max(1, min(cpus, int(per_task)))  # srun's task: its --cpus-per-task (its affinity may be all of them)
     text = environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE") or "1"
     return max(1, cpus // max(1, int(text) if text.isdigit() else 1))
 
