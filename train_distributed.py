@@ -62,7 +62,7 @@ from functools import partial
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import build_datasets, with_dataset_classes
+from data import build_datasets, model_inputs, with_dataset_classes
 from data.loaders import (
     GlobalStepSampler,
     aspect_ratio_groups,
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     # 1. config: read, override, validate: before any process group, so a typo fails fast on every rank
-    cfg = load_config(args.config, args.overrides, launch_world_size(args.local_rank))
+    # (a timm model brings its input size and normalisation for the data keys the config leaves unset)
+    cfg = load_config(args.config, args.overrides, launch_world_size(args.local_rank), defaults=model_inputs)
     cfg = with_dataset_classes(cfg)  # model.num_classes 0: the dataset's count (an image folder's class folders)
     if args.print_config:
         print(config_text(cfg), end="")

@@ -57,7 +57,7 @@ def _folder(cfg: DataConfig, split: str, transform: Callable[[str], torch.Tensor
         raise DataError(f"data.root: {path} holds no images in class folders ({str(exc).splitlines()[0]})") from None
 
 
-@register_dataset("imagefolder", num_classes=class_count)
+@register_dataset("imagefolder", num_classes=class_count, image_files=True)
 def build_imagefolder(cfg: DataConfig, num_classes: int, seed: int) -> DatasetPair:
     if not os.path.isdir(cfg.root):
         raise DataError(f"data.root: folder not found: {cfg.root}")

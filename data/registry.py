@@ -47,11 +47,12 @@ class DatasetPair:
 Builder = Callable[..., DatasetPair]
 DATASETS: dict[str, Builder] = {}
 CLASS_COUNTS: dict[str, int | Callable[[DataConfig], int]] = {}
+IMAGE_FILES: set[str] = set()  # datasets that resize image files of any size to the configured sizes
 ANY_COUNT_DEFAULT = 10  # a dataset that makes as many classes as it is told (generated data), when not told
 
 
-def register_dataset(name: str, num_classes: int | Callable[[DataConfig], int] | None = None
-                     ) -> Callable[[Builder], Builder]:  # fmt: skip
+def register_dataset(name: str, num_classes: int | Callable[[DataConfig], int] | None = None,
+                     image_files: bool = False) -> Callable[[Builder], Builder]:  # fmt: skip
     """Make ``data.name: <name>`` build this: ``builder(cfg: DataConfig, num_classes: int, seed: int, **data.kwargs)
     -> DatasetPair``, whose splits yield ``(image tensor, int label)``, for segmentation ``(image tensor,
     int64 mask (H, W))`` with 255 for pixels to ignore, for detection ``(image tensor, {"boxes", "labels",
@@ -60,12 +61,18 @@ def register_dataset(name: str, num_classes: int | Callable[[DataConfig], int] |
 
     ``num_classes``: what ``model.num_classes: 0`` becomes: the dataset's count, or a function of the data config
     that reads it from the files without loading them (an image folder's class folders); None: the dataset makes
-    as many classes as it is given (10 for 0)."""
+    as many classes as it is given (10 for 0).
+
+    ``image_files``: its samples are image files of any size, resized and cropped to ``data.image_size`` (or the
+    crop keys) with ``data.interpolation`` and normalised by ``data.mean`` / ``data.std`` (an image folder): a timm
+    model then brings its own values for the keys a config leaves unset (``data/model_inputs.py``)."""
 
     def wrap(fn: Builder) -> Builder:
         DATASETS[name] = fn
         if num_classes is not None:
             CLASS_COUNTS[name] = num_classes
+        if image_files:
+            IMAGE_FILES.add(name)
         return fn
 
     return wrap

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -180,10 +181,13 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
-def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1) -> Config:
+def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1,
+                defaults: Callable[[Config, set[str]], dict[str, Any]] | None = None) -> Config:
     """Read YAML (safe loader), apply overrides in order, type-check and validate; ``data.global_batch_size`` and
     ``syncbn.norm_batch_size`` are resolved for ``world_size`` processes (the launcher's, known before any process
-    group exists)."""
+    group exists). ``defaults(cfg, given)``: values for keys the file and the overrides leave unset (``given`` holds
+    the ``section.key`` names they set), as ``{"section.key": value}``: what a plug-in knows better than the schema
+    (``data.model_inputs``: the input size and normalisation a timm model was made for)."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -203,9 +207,15 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    cfg = resolve_defaults(config_from_dict(raw))
-    batch_given = isinstance(raw.get("data"), dict) and "batch_size" in raw["data"]
-    return resolve_norm_batch(resolve_global_batch(cfg, world_size, batch_given), world_size)
+    cfg = config_from_dict(raw)
+    given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
+    if defaults is not None and (filled := {k: v for k, v in defaults(cfg, given).items() if k not in given}):
+        for dotted, value in filled.items():
+            section, key = dotted.split(".")
+            raw[section] = {**(raw.get(section) or {}), key: value}
+        cfg = config_from_dict(raw)
+    cfg = resolve_defaults(cfg)
+    return resolve_norm_batch(resolve_global_batch(cfg, world_size, "data.batch_size" in given), world_size)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -31,12 +31,15 @@ HELP: dict[str, str] = {
                               "world size (a run continues on another number of processes); 0 = off",
     "data.val_batch_size": "evaluation batch per process; 0 = data.batch_size (detection: 1, exact at any world size)",
     "data.num_workers": "loader workers per process; auto: the CPUs each process of the node gets, minus one, at most 8",
-    "data.image_size": "training and evaluation image side, in pixels; segmentation: the training crop",
+    "data.image_size": "training and evaluation image side, in pixels; segmentation: the training crop. Image "
+                       "folders with a timm model: unset takes the model's input size (so do mean, std, "
+                       "interpolation and val_resize_size: docs/models.md)",
     "data.base_size": "segmentation: short side before the random scale, and at evaluation; 0 = as stored",
     "data.scale_range": "segmentation training: the random rescale factor's range (x data.base_size)",
     "data.augment": "training augmentation (seeded per seed, epoch and sample)",
     "data.mean": "per-channel mean of uint8 images scaled to [0, 1] (one value: every channel); []: the dataset's "
-                 "(ImageNet's, CIFAR's); used on the device, by predict and by export's notes",
+                 "(ImageNet's, CIFAR's; an image folder with a timm model: the model's); used on the device, by "
+                 "predict and by export's notes",
     "data.std": "per-channel standard deviation, as data.mean",
     "data.hflip_prob": "training's horizontal flip probability (0: never mirror: digits, text, some medical images)",
     "data.crop_scale": "classification training: random-resized crop's area fraction [low, high] (image folders)",
@@ -44,7 +47,8 @@ HELP: dict[str, str] = {
     "data.train_crop_size": "classification: the training crop's side; 0 = data.image_size (torchvision's "
                             "--train-crop-size)",
     "data.val_resize_size": "classification: evaluation's short-side resize; 0 = val_crop_size / 0.875 (CIFAR: the "
-                            "crop) (torchvision's --val-resize-size)",
+                            "crop; unset with a timm model on an image folder: / its crop_pct) (torchvision's "
+                            "--val-resize-size)",
     "data.val_crop_size": "classification: evaluation's center crop; 0 = data.image_size (torchvision's --val-crop-size)",
     "data.interpolation": "classification: bilinear, bicubic or nearest, for every resize (training and evaluation)",
     "data.auto_augment": "classification training, on uint8: none, trivialaugment_wide, randaugment, augmix, "

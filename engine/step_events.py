@@ -51,6 +51,7 @@ class StepEvents:
     faults: FaultInjector | None = None  # test-only fault injection (debug.*)
     log_enabled: bool = True  # rank 0 prints the step lines
     poll: StopPoll | None = None  # every step between agreements: did any rank get a stop signal (None: agreements only)
+    model_name: str = "this model"  # model.name, for the divergence warning
     _window: LossWindow | None = field(default=None, init=False)
     _pending: Callable[[], Agreement] | None = field(default=None, init=False)
     _polled: Callable[[], bool] | None = field(default=None, init=False)
@@ -155,9 +156,9 @@ class StepEvents:
                                                                                  self._first_loss + 1):
             lr = self.optimizer.param_groups[0]["lr"]
             get_logger().warning(f"warning: loss {loss:.3g} at step {step} is {loss / self._first_loss:.1f}x its first "
-                                 f"value {self._first_loss:.3g}: training is diverging at lr {lr:.3g}; lower train.lr "
-                                 "(this model may take less than the recipe's), or add train.warmup_epochs or "
-                                 "train.clip_grad_norm")  # fmt: skip
+                                 f"value {self._first_loss:.3g}: training is diverging at lr {lr:.3g} with {self.model_name}; "
+                                 "lower train.lr (this model may take less than the recipe's), or add "
+                                 "train.warmup_epochs or train.clip_grad_norm")  # fmt: skip
             self._first_loss = -1.0  # once
 
     def _log_step(self, step: int) -> None:
@@ -209,6 +210,6 @@ def step_events(checkpointer: Checkpointer, bn_stats: RunningStatistics, state: 
         with MetricsWriter(cfg, ctx.is_main, state) as writer, watch_steps(cfg.dist.step_timeout_s):
             yield StepEvents(cfg.train, checkpointer.model, checkpointer.optimizer, steps_per_epoch,
                              checkpointer.global_batch, STOP, save, writer=writer, ema=checkpointer.ema,
-                             faults=faults, log_enabled=ctx.is_main, poll=poll)  # fmt: skip
+                             faults=faults, log_enabled=ctx.is_main, poll=poll, model_name=cfg.model.name)  # fmt: skip
     finally:
         poll.close()

@@ -39,7 +39,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from data import build_datasets, with_dataset_classes  # noqa: E402
+from data import build_datasets, model_inputs, with_dataset_classes  # noqa: E402
 from data.loaders import build_val_loader  # noqa: E402
 from engine.bn import batchnorm_layers, recompute_bn_stats  # noqa: E402
 from engine.checkpoint import load_checkpoint, strip_prefixes  # noqa: E402
@@ -147,7 +147,7 @@ def write_plot(results: dict[str, list[dict]], metric: str, path: Path, title: s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(REPO_ROOT)
-    cfg = with_dataset_classes(load_config(args.config, args.overrides, args.nproc))
+    cfg = with_dataset_classes(load_config(args.config, args.overrides, args.nproc, defaults=model_inputs))
     batch, metric = cfg.data.batch_size, cfg.train.best_metric
     modes = [m for m in args.modes.split(",") if m and not (m.startswith("ghost") and batch < 2)]
     unknown = sorted(set(modes) - set(MODES))

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `engine` imports when run as a script
 
 
-from data import build_datasets, with_dataset_classes  # noqa: E402
+from data import build_datasets, model_inputs, with_dataset_classes  # noqa: E402
 from data.loaders import build_precise_batches, build_val_loader  # noqa: E402
 from engine.bn import DEFAULT_SAMPLES, RunningStatistics  # noqa: E402
 from engine.checkpoint import atomic_torch_save, check_model_compatible, load_checkpoint, strip_prefixes  # noqa: E402
@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def recalibrate(argv: list[str] | None = None) -> str:
     """Returns the path written."""
     args = parse_args(argv)
-    cfg = with_dataset_classes(load_config(args.config, args.overrides, launch_world_size(args.local_rank)))
+    cfg = with_dataset_classes(load_config(args.config, args.overrides, launch_world_size(args.local_rank),
+                                                  defaults=model_inputs))
     ctx = init_distributed(cfg.dist, args.local_rank, cfg.syncbn.group_size if cfg.syncbn.enabled else 0)
     log = setup_logger(ctx.rank)
     checkpoint = load_checkpoint(args.checkpoint)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import build_datasets, with_dataset_classes
+from data import build_datasets, model_inputs, with_dataset_classes
 from engine.bn import convert_sync_batchnorm
 from engine.config import load_config
 from engine.optim import build_optimizer
@@ -39,7 +39,7 @@ def _counted(targets: torch.Tensor) -> torch.Tensor:
 
 def check_model(config_path: str, device: torch.device, atol: float) -> int:
     """Return 0 when N-rank SyncBN + DDP matches one process on the global batch after one step, else 1."""
-    cfg = with_dataset_classes(load_config(config_path, ["data.num_workers=0"]))
+    cfg = with_dataset_classes(load_config(config_path, ["data.num_workers=0"], defaults=model_inputs))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     images, targets = _global_batch(cfg, world_size)
     images, targets = images.to(device), targets.to(device)

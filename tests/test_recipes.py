@@ -207,7 +207,7 @@ def test_a_rate_the_model_cannot_take_is_named_in_the_first_epoch(tmp_path) -> N
                                                       train__agree_every_steps=1))  # fmt: skip
     assert rc == 0, err[-3000:]
     warnings = [line for line in (out + err).splitlines() if "training is diverging at lr" in line]
-    assert len(warnings) == 1 and "lower train.lr" in warnings[0], out[-2000:]
+    assert len(warnings) == 1 and "with small_cnn; lower train.lr" in warnings[0], out[-2000:]  # the rate and the model
     rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "calm", model__kwargs="{width: 16}", train__epochs=1,
                                                       train__agree_every_steps=1))  # fmt: skip
     assert rc == 0 and "diverging" not in out + err
