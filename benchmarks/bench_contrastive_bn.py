@@ -13,9 +13,6 @@ statistic, sync = all 128; BatchNorm in backbone and projection head alike (sync
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,21 +20,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits_folder, machine_banner, print_table, torchrun_cmd  # noqa: E402
+from common import digits_folder, machine_banner, print_table, train_job  # noqa: E402
 
 GLOBAL_BATCH, GHOST = 128, 8
-
-
-def train(nproc: int, out: Path, overrides: list[str]) -> list[dict]:
-    """One run of train_distributed.py (torchrun), its metrics.jsonl records."""
-    args = ["--config", str(REPO_ROOT / "configs" / "contrastive.yaml"), f"output_dir={out}", "train.progress_bar=false",
-            "train.tensorboard=false", *overrides]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(torchrun_cmd(nproc, str(REPO_ROOT / "train_distributed.py"), *args), cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        raise SystemExit(f"run {out} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def linear_probe(checkpoint: Path) -> float:
@@ -64,14 +49,16 @@ def main() -> int:
         per_process = GLOBAL_BATCH // nproc
         for mode, norm in (("local", per_process), ("ghost", GHOST), ("sync", GLOBAL_BATCH)):
             run = out / f"{mode}_{nproc}"
-            records = train(nproc, run, [*data, f"data.batch_size={per_process}", f"syncbn.norm_batch_size={norm}"])
+            overrides = [*data, f"data.batch_size={per_process}", f"syncbn.norm_batch_size={norm}"]
+            records = train_job("contrastive.yaml", run, overrides, nproc)
             knn = [r["val_knn_acc1"] for r in records]
             probe = linear_probe(run / "checkpoints" / "last.pt")
             rows.append([f"{mode} ({2 * norm} views per statistic)", nproc, f"{knn[-1]:.1f}", f"{max(knn):.1f}", f"{probe:.1f}"])
             print(rows[-1], flush=True)
     supervised = out / "supervised"
-    records = train(args.nproc[0], supervised, [*data, f"data.batch_size={GLOBAL_BATCH // args.nproc[0]}",
-                                                 "task=classification", "train.lr=0.2", "data.augment=true"])
+    records = train_job("contrastive.yaml", supervised, [*data, f"data.batch_size={GLOBAL_BATCH // args.nproc[0]}",
+                                                         "task=classification", "train.lr=0.2", "data.augment=true"],
+                        args.nproc[0])  # fmt: skip
     probe = linear_probe(supervised / "checkpoints" / "last.pt")
     rows.append(["supervised (sync, cross-entropy)", args.nproc[0], "", "", f"{probe:.1f} (its own val_acc1 "
                  f"{records[-1]['val_acc1']:.1f})"])  # fmt: skip

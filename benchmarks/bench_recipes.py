@@ -18,10 +18,7 @@ training throughput of all processes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,25 +26,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import digits_folder, machine_banner, print_table, torchrun_cmd  # noqa: E402
+from common import digits_folder, machine_banner, print_table, train_job  # noqa: E402
 
 from scripts.image_stats import channel_statistics  # noqa: E402
 
 IMAGENET = ["data.mean=[0.485, 0.456, 0.406]", "data.std=[0.229, 0.224, 0.225]"]
 POLICIES = ["data.auto_augment=trivialaugment_wide", "data.random_erase=0.1", "train.mixup_alpha=0.2",
             "train.cutmix_alpha=1.0"]  # fmt: skip
-
-
-def train(out: Path, overrides: list[str]) -> list[dict]:
-    """One 2-process run of the recipe, its metrics.jsonl records."""
-    args = ["--config", str(REPO_ROOT / "configs" / "imagefolder_small.yaml"), f"output_dir={out}",
-            "train.progress_bar=false", "train.tensorboard=false", *overrides]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(torchrun_cmd(2, str(REPO_ROOT / "train_distributed.py"), *args), cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        raise SystemExit(f"run {out} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def main() -> int:
@@ -71,7 +56,7 @@ def main() -> int:
         finals, bests, rates = [], [], []
         for seed in args.seeds:
             run = out / f"{len(rows)}_{seed}"
-            records = train(run, [*overrides, f"train.epochs={args.epochs}", f"train.seed={seed}"])
+            records = train_job("imagefolder_small.yaml", run, [*overrides, f"train.epochs={args.epochs}", f"train.seed={seed}"])
             finals.append(records[-1]["val_acc1"])
             bests.append(max(r["val_acc1"] for r in records))
             rates.append(statistics.median(r["samples_per_s"] for r in records))

@@ -7,6 +7,7 @@ round-robin, median over repeats), because the machines they run on are shared a
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -175,6 +176,19 @@ def init_from_torchrun(backend: str = "auto") -> tuple[int, int, torch.device]:
 
 def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+
+
+def train_job(config: str, out: Path, overrides: Sequence[str], nproc: int = 2) -> list[dict]:
+    """One run of train_distributed.py (torchrun, 1 thread a process) with ``configs/<config>``, quiet; its
+    metrics.jsonl records."""
+    args = ["--config", str(REPO_ROOT / "configs" / config), f"output_dir={out}", "train.progress_bar=false",
+            "train.tensorboard=false", *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun_cmd(nproc, str(REPO_ROOT / "train_distributed.py"), *args), cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"run {out} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def digits_folder(root: Path, side: int = 32) -> Path:

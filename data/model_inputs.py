@@ -60,10 +60,12 @@ def _square(input_size: tuple[int, ...]) -> bool:
 def _check_fixed_size(cfg: Config, size: int, image_size: int) -> None:
     """A model built for ``size`` px only must not meet data of another size."""
     sides = {cfg.data.train_crop_size or image_size, cfg.data.val_crop_size or image_size}
-    if sides != {size}:
-        other = ", ".join(f"{side} px" for side in sorted(sides - {size}))
-        raise ConfigError(
-            f"data.image_size: {cfg.model.name} takes {size} px images only (its input size is fixed), but the data "
-            f"gives {other}; set data.image_size={size} (and no other crop sizes), or build the model for the data: "
-            f"model.kwargs={{img_size: {max(sides)}}} or {{dynamic_img_size: true}}"
-        )
+    if sides == {size}:
+        return
+    other = ", ".join(f"{side} px" for side in sorted(sides - {size}))
+    rebuild = f"model.kwargs={{img_size: {sides.pop()}}} or " if len(sides) == 1 else ""  # one size: build for it
+    raise ConfigError(
+        f"data.image_size: {cfg.model.name} takes {size} px images only (its input size is fixed), but the data gives "
+        f"{other}; set data.image_size={size} (and no other crop sizes), or build the model for the data: "
+        f"{rebuild}model.kwargs={{dynamic_img_size: true}}"
+    )

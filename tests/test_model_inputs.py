@@ -65,8 +65,11 @@ def test_other_models_and_datasets_keep_their_own(overrides) -> None:
     ([*FOLDER, "model.name=timm/test_vit", "data.train_crop_size=144"], "144 px"),
 ])  # fmt: skip
 def test_a_fixed_size_model_and_data_of_another_size_are_one_line(overrides, sizes) -> None:
-    with pytest.raises(ConfigError, match=f"takes 160 px images only .* the data gives {sizes}; set data.image_size=160"):
+    expected = f"takes 160 px images only .* the data gives {sizes}; set data.image_size=160"
+    with pytest.raises(ConfigError, match=expected) as error:
         load_config(None, overrides, defaults=model_inputs)
+    # building it for the data is offered where the data has one size (a 144 px crop evaluated at 160 has two)
+    assert ("{img_size: " in str(error.value)) == ("train_crop_size" not in overrides[-1])
     load_config(None, [*overrides, "model.kwargs={dynamic_img_size: true}"], defaults=model_inputs)  # the other fix
 
 
@@ -75,7 +78,7 @@ def test_the_entry_script_says_it_in_one_line_before_anything_starts(tmp_path) -
     assert rc == 1 and error_lines(err) == [
         "error: data.image_size: timm/test_vit takes 160 px images only (its input size is fixed), but the data gives "
         "32 px; set data.image_size=160 (and no other crop sizes), or build the model for the data: "
-        "model.kwargs={img_size: 32} or {dynamic_img_size: true}"], err[-2000:]  # fmt: skip
+        "model.kwargs={img_size: 32} or model.kwargs={dynamic_img_size: true}"], err[-2000:]  # fmt: skip
     assert not (tmp_path / "vit").exists()
     rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "vit32", model__name="timm/test_vit",
                                                       model__kwargs="{img_size: 32}", train__epochs=1))  # fmt: skip
@@ -102,3 +105,18 @@ def test_a_timm_model_trains_evaluates_and_predicts_with_its_own_inputs(tmp_path
     checkpoint = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["inference"]["preprocessing"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "resize": 168, "crop": 160,
                                                         "interpolation": "bicubic"}  # fmt: skip
+
+
+def test_images_far_smaller_than_the_model_was_made_for_are_named_once(tmp_path) -> None:
+    """Generated data keeps its 32 px; a timm model made for 160 px is warned about it (at this ratio
+    efficientnet_b0 on the default job stays at chance), and not at 48 px, more than a quarter of its size."""
+    rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "small", model__name="timm/test_efficientnet",
+                                                      model__kwargs=None, train__epochs=1))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    warnings = [line for line in out.splitlines() if line.startswith("warning: timm/test_efficientnet was made for")]
+    assert warnings == ["warning: timm/test_efficientnet was made for 160 px images and gets 32 px (its last feature "
+                        "map is 1x1): it may not learn at this size; set data.image_size (its own 160, or more than "
+                        "40)"], out[-2000:]  # fmt: skip
+    rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "enough", model__name="timm/test_efficientnet",
+                                                      model__kwargs=None, train__epochs=1, data__image_size=48))  # fmt: skip
+    assert rc == 0 and "was made for" not in out, err[-3000:]
