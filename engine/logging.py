@@ -113,8 +113,8 @@ def _image_size(cfg: Config, model: torch.nn.Module) -> str:
 
 def _warn_far_smaller_images(cfg: Config, model: torch.nn.Module) -> None:
     """A classifier fed images a quarter of the size it was made for, or less (a timm model says its size: its
-    ``pretrained_cfg``), may not learn at all: ``timm/efficientnet_b0`` on the default job's 32 px stays at chance
-    whatever the rate, and reaches 80 % in 3 epochs at 64 px. Image folders take the model's size unless the config
+    ``pretrained_cfg``), may not learn at all: ``timm/efficientnet_b0`` on the default job's 32 px ends at chance (20 %
+    at a tenth of the rate), at 64 px at 96 % (BENCHMARKS §14). Image folders take the model's size unless the config
     sets one (``data/model_inputs.py``); generated data and CIFAR keep their own, so this says it."""
     made_for = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0,))[-1]
     side = cfg.data.train_crop_size or cfg.data.image_size
