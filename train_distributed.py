@@ -235,7 +235,7 @@ def _run(argv: list[str] | None) -> int:
     except LayerCallsDiffer as exc:  # a model that calls SyncBN layers by the data (syncbn.check_calls): all ranks
         print_error(str(exc), same_on_every_rank=True)
         return 1
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, AssertionError) as exc:  # AssertionError: torchvision's ViT refusing a size
         if lost_a_peer(exc) or collective_timed_out(exc):
             traces = dump_collective_trace()  # which collective this rank was in, beside the other ranks' traces
             where = f"; this rank's collectives: {traces}" if traces else ""

@@ -82,4 +82,9 @@ def from_torch(exc: BaseException) -> UserError | None:
         return DataError(f"data.channels: the images have {channels.group(3)} channels but the model's first layer "
                          f"takes {channels.group(2)}; make them agree (data.channels, or the model's input channels "
                          "in model.kwargs, e.g. in_channels or in_chans)")
+    size = re.search(r"Wrong image height! Expected (\d+) but got (\d+)!", text)  # torchvision's ViT, fixed size
+    if isinstance(exc, AssertionError) and size:
+        return DataError(f"data.image_size: the model takes {size.group(1)} px images only but got {size.group(2)} px; "
+                         f"set data.image_size={size.group(1)} (and no other crop sizes), or build the model for the "
+                         f"data: model.kwargs={{image_size: {size.group(2)}}}")
     return None

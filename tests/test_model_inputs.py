@@ -120,3 +120,14 @@ def test_images_far_smaller_than_the_model_was_made_for_are_named_once(tmp_path)
     rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "enough", model__name="timm/test_efficientnet",
                                                       model__kwargs=None, train__epochs=1, data__image_size=48))  # fmt: skip
     assert rc == 0 and "was made for" not in out, err[-3000:]
+
+
+def test_torchvisions_fixed_size_vit_refusing_the_data_is_one_line(tmp_path) -> None:
+    """torchvision's VisionTransformer asserts its size at the first forward: one line naming the key and the fix,
+    not the assertion's traceback."""
+    rc, out, err = run_train_preloaded(tiny_overrides(tmp_path / "tv", model__name="vit_b_16",
+                                                      model__kwargs="{image_size: 64}", train__epochs=1))  # fmt: skip
+    assert rc == 1 and error_lines(err) == [
+        "error: data.image_size: the model takes 64 px images only but got 32 px; set data.image_size=64 (and no other "
+        "crop sizes), or build the model for the data: model.kwargs={image_size: 32}"], err[-2000:]  # fmt: skip
+    assert "Traceback" not in err
