@@ -229,6 +229,20 @@ def check_run_compatible(ckpt: dict[str, Any], cfg: Config, world_size: int, pat
             "the like) start afresh from train.seed + rank (augmentation is per sample, unchanged)")
 
 
+def config_changes(saved: dict[str, Any], cfg: Config, shown: int = 8) -> str:
+    """The keys whose values differ from the checkpoint's run (``section.key old -> new``), besides those said
+    elsewhere: the schedule's (re-planned) and the per-process batch (derived for the world size). A resumed run
+    changed on purpose says it; one whose config resolved differently (a new default) does not change silently."""
+    now = config_to_dict(cfg)
+    said = {f"train.{key}" for key in SCHEDULE_KEYS} | {"data.batch_size"}
+    changed = [f"{section}.{key} {old} -> {now[section][key]}"
+               for section, values in saved.items() if isinstance(values, dict) and isinstance(now.get(section), dict)
+               for key, old in values.items()
+               if key in now[section] and old != now[section][key] and f"{section}.{key}" not in said]  # fmt: skip
+    more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    return ", ".join(changed[:shown]) + more
+
+
 # --------------------------------------------------------------------------- the run's checkpoints, both ways
 
 
@@ -308,6 +322,9 @@ class Checkpointer:
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         self._replan_schedule(loaded.get("config", {}).get("train", {}), planned, state_step=loaded["train_state"]["step"])
+        if changed := config_changes(loaded.get("config", {}), self.cfg):
+            get_logger().info(f"note: this run's config differs from the checkpoint's run in {changed}; the rest of "
+                              "the run uses this run's values")
         self.scaler.load_state_dict(loaded["scaler"])
         state.load_state_dict(loaded["train_state"])
         if self.ema is not None and "ema" in loaded:

@@ -67,7 +67,7 @@ def test_pretrained_weights_in_the_cache_load_on_every_rank_without_a_request(tm
 
 def test_the_run_says_what_it_does(tmp_path) -> None:
     """The banner names the image size and the weights; a 2-class run reports no top-5; its config is in
-    TensorBoard; training longer says that the schedule is re-planned."""
+    TensorBoard; training longer says that the schedule is re-planned, and which other keys changed."""
     out_dir = tmp_path / "run"
     two_classes = {"model.num_classes": 2, "train.epochs": 1, "train.tensorboard": True}
     rc, out, err = run_train_preloaded(tiny_overrides(out_dir, **two_classes))
@@ -79,9 +79,15 @@ def test_the_run_says_what_it_does(tmp_path) -> None:
     (text,) = board.Tensors("config/text_summary")
     assert "num_classes: 2" in text.tensor_proto.string_val[0].decode()
 
-    rc, out, err = run_train_preloaded(tiny_overrides(out_dir, **{**two_classes, "train.epochs": 2}))
+    longer = {**two_classes, "train.epochs": 2, "train.label_smoothing": 0.1, "data.augment": False}
+    rc, out, err = run_train_preloaded(tiny_overrides(out_dir, **longer))
     assert rc == 0, err[-3000:]
     assert "note: train.epochs 1 -> 2: the learning-rate schedule is re-planned from step 16" in out, out[-2000:]
+    # the other keys changed on the way are said once too (the schedule's not twice)
+    assert ("note: this run's config differs from the checkpoint's run in data.augment True -> False, "
+            "train.label_smoothing 0.0 -> 0.1; the rest of the run uses this run's values") in out, out[-2000:]
+    rc, out, err = run_train_preloaded(tiny_overrides(out_dir, **longer))  # the same config again: nothing to say
+    assert rc == 0 and "run complete" in out and "differs from the checkpoint" not in out, out[-2000:]
 
 
 # --------------------------------------------------------------------------------------------- predict and export
