@@ -122,7 +122,8 @@ def _warn_far_smaller_images(cfg: Config, model: torch.nn.Module) -> None:
         return
     features = getattr(model, "feature_info", None)
     reduction = features[-1].get("reduction") if isinstance(features, list) and features else None
-    last = f" (its last feature map is {max(side // reduction, 1)}x{max(side // reduction, 1)})" if reduction else ""
+    final = max(side // reduction, 1) if reduction else 0  # the side of its last feature map
+    last = f" (its last feature map is {final}x{final})" if final else ""
     get_logger().warning(f"warning: {cfg.model.name} was made for {made_for} px images and gets {side} px{last}: it "
                          f"may not learn at this size; set data.image_size (its own {made_for}, or more than "
                          f"{made_for // 4})")
