@@ -187,7 +187,8 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     ``syncbn.norm_batch_size`` are resolved for ``world_size`` processes (the launcher's, known before any process
     group exists). ``defaults(cfg, given)``: values for keys the file and the overrides leave unset (``given`` holds
     the ``section.key`` names they set), as ``{"section.key": value}``: what a plug-in knows better than the schema
-    (``data.model_inputs``: the input size and normalisation a timm model was made for)."""
+    (``data.model_inputs``: the input size and normalisation a timm model was made for); a key the configured task
+    does not read (``Task.config_keys``) is not filled."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -209,11 +210,16 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
         apply_override(raw, override)
     cfg = config_from_dict(raw)
     given = {f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict) for key in keys}
-    if defaults is not None and (filled := {k: v for k, v in defaults(cfg, given).items() if k not in given}):
+    if defaults is not None:
+        from tasks.registry import foreign_keys
+
+        unread = given | set(foreign_keys(cfg.task))  # set by the user, or a key this task does not read (refused)
+        filled = {key: value for key, value in defaults(cfg, given).items() if key not in unread}
         for dotted, value in filled.items():
             section, key = dotted.split(".")
             raw[section] = {**(raw.get(section) or {}), key: value}
-        cfg = config_from_dict(raw)
+        if filled:
+            cfg = config_from_dict(raw)
     cfg = resolve_defaults(cfg)
     return resolve_norm_batch(resolve_global_batch(cfg, world_size, "data.batch_size" in given), world_size)
 

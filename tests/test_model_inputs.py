@@ -59,6 +59,23 @@ def test_other_models_and_datasets_keep_their_own(overrides) -> None:
     assert _data(overrides) == config_to_dict(load_config(None, overrides))["data"]
 
 
+def test_a_task_that_does_not_read_a_key_is_not_given_it() -> None:
+    """A task of your own that declares its keys (``Task.config_keys``) refuses another task's keys set in a
+    config; the model's values for keys it does not read are left out, not refused as if the user had set them."""
+    from tasks.registry import TASKS, Task, register_task
+
+    @register_task("inputs_probe")
+    class InputsProbe(Task):
+        metrics = ("val_score",)
+        config_keys = ("train.label_smoothing",)
+
+    try:
+        data = _data([*FOLDER, "task=inputs_probe", "model.name=timm/test_vit"])
+    finally:
+        TASKS.pop("inputs_probe")
+    assert (data["image_size"], data["mean"], data["interpolation"]) == (160, [], "bilinear")  # only the size is read
+
+
 @pytest.mark.parametrize(("overrides", "sizes"), [
     (["model.name=timm/test_vit"], "32 px"),  # the default job's generated 32 px images
     ([*FOLDER, "model.name=timm/test_vit", "data.image_size=128"], "128 px"),
